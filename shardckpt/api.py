@@ -1,0 +1,164 @@
+"""Public entry points: they put the stages in order and hold no byte or slicing logic."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from shardckpt.commit import read_committed_index
+from shardckpt.dist import Comm
+from shardckpt.errors import CheckpointError, CorruptCheckpointError, MissingKeysError
+from shardckpt.format.schema import DATA_DIR, CheckpointIndex
+from shardckpt.loading import LoadWalk
+from shardckpt.options import Compression, compression_options, io_threads
+from shardckpt.pipeline.reader import check_files, execute_reads, read_block
+from shardckpt.planning.boxes import Box
+from shardckpt.planning.load_plan import plan_reads
+from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
+from shardckpt.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+
+def save(
+    state: dict[str, object],
+    path: PathLike,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    compression: Compression = "zstd",
+    check_replicas: bool = True,
+    metadata: dict[str, object] | None = None,
+) -> SaveResult:
+    """Save ``state`` to the directory ``path``; collective over the process group.
+
+    Returns once the checkpoint is committed: every rank's data is fsynced and the coordinator has
+    atomically published ``index.json``. A crash at any point leaves the previous checkpoint at
+    ``path`` (if any) intact. Plain tensors are taken as replicated and written once in total;
+    they must be equal on every rank unless wrapped in :class:`shardckpt.PerRank`.
+
+    Example::
+
+        shardckpt.save({"model": model, "optim": optim, "step": step}, "ckpt/step-100")
+    """
+    comm = Comm.for_group(process_group)
+    options = compression_options(compression)
+    t0 = time.perf_counter()
+    prep = prepare_save(state, Path(path), comm, options, check_replicas, metadata)
+    with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
+        staged, _ = comm.run(f"save to {path}: staging", lambda: (stage(prep, snapshot=False), None))
+        hashes = replica_hashes(prep, pool)
+        stall = time.perf_counter() - t0
+        done = write_and_commit(prep, staged, hashes, comm, pool)
+    return result_of(prep, staged, done, stall, time.perf_counter() - t0 - stall)
+
+
+def load(
+    state: dict[str, object],
+    path: PathLike,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    strict: bool = True,
+) -> None:
+    """Fill ``state`` in place from the checkpoint at ``path``; collective.
+
+    Tensors and DTensors receive the saved values re-sharded to their current placement and world
+    size (each rank reads only the blocks overlapping its shards); objects with ``state_dict`` /
+    ``load_state_dict`` are loaded through them; other values are replaced in their dict or list.
+    With ``strict`` every key of ``state`` must be in the checkpoint (keys the checkpoint has and
+    ``state`` lacks are ignored, so a subset can be loaded). On failure every rank raises and the
+    state may be partly loaded.
+
+    Example::
+
+        shardckpt.load({"model": model, "optim": optim, "step": 0}, "ckpt/step-100")
+    """
+    comm = Comm.for_group(process_group)
+    storage = LocalStorage(path)
+    where = str(path)
+    try:
+        index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
+        if len(set(ids)) > 1:  # type: ignore[arg-type]
+            raise CorruptCheckpointError(
+                f"{where}: ranks read different indexes ({sorted(set(map(str, ids)))}); was the checkpoint "
+                "replaced during the load, or is the directory not shared?"
+            )
+        walk = LoadWalk(index, comm.rank, where)
+
+        def read() -> tuple[None, object]:
+            walk.fill_root(state)
+            if strict and walk.missing:
+                shown = ", ".join(repr(k) for k in walk.missing[:20])
+                more = f" and {len(walk.missing) - 20} more" if len(walk.missing) > 20 else ""
+                raise MissingKeysError(
+                    f"{where}: rank {comm.rank}: keys not in the checkpoint: {shown}{more} "
+                    "(pass strict=False to load the rest)"
+                )
+            files = {r.block.file for req in walk.requests for r in req.reads}
+            check_files(storage, index, files, where)
+            with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-load") as pool:
+                execute_reads(storage, index, walk.requests, pool, where)
+            return None, None
+
+        comm.run(f"load from {path}", read)
+    finally:
+        storage.close()
+    # Outside the failure gather: a load_state_dict may itself run collectives.
+    for obj, filled in walk.statefuls:
+        obj.load_state_dict(filled)  # type: ignore[attr-defined]
+
+
+def _read_index_and_id(storage: LocalStorage) -> tuple[CheckpointIndex, object]:
+    index = read_committed_index(storage)
+    return index, index.save_id
+
+
+def read_index(path: PathLike) -> CheckpointIndex:
+    """The checkpoint's metadata (tensors, blocks, values, files) with no torch.distributed needed.
+    Values are in their stored typed-JSON form; ``shardckpt.format.values.decode_value`` decodes them."""
+    return read_committed_index(LocalStorage(path))
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    files: int
+    tensors: int
+    blocks: int
+    bytes_raw: int
+    bytes_stored: int
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Re-read every stored byte against its checksum and decode it; raises a CheckpointError on any
+    missing, truncated, swapped, extra or corrupt data file or block."""
+    storage = LocalStorage(path)
+    where = str(path)
+    try:
+        index = read_committed_index(storage)
+        check_files(storage, index, set(range(len(index.files))), where)
+        live = {f.name for f in index.files}
+        extra = [n for n in storage.list(DATA_DIR) if n not in live]
+        if extra:
+            raise CorruptCheckpointError(
+                f"{where}: data files not referenced by the index: {extra} (left by an interrupted save; the "
+                "checkpoint loads, and the next save or cleanup removes them)"
+            )
+        jobs = []
+        for entry in index.tensors:
+            jobs.extend((entry, r) for r in plan_reads(entry, Box.full(entry.shape), where))
+        with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-verify") as pool:
+            futures = [pool.submit(read_block, storage, index, entry, r, where) for entry, r in jobs]
+            for f in futures:
+                exc = f.exception()
+                if exc is not None:
+                    raise exc if isinstance(exc, CheckpointError) else CheckpointError(f"{where}: {exc}")
+    finally:
+        storage.close()
+    return VerifyReport(where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored())

@@ -1,0 +1,148 @@
+"""Encode and decode one block.
+
+Floats compress badly as a whole (mantissa bytes look random) but their exponent bytes are very
+regular. ``planes`` splits each element into its bytes, groups byte i of every element into plane i,
+and zstd-compresses only the planes where a cheap sample shows a gain: on bf16 weights the high
+plane (sign + 7 exponent bits) shrinks a lot and the low plane stays raw, which is both smaller and
+faster than running zstd over all of it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import numpy as np
+import zstandard
+
+from shardckpt.errors import CorruptCheckpointError
+
+CODECS = ("raw", "zstd", "planes")
+PLANE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+_SAMPLE = 16 << 10
+_GAIN = 0.94  # keep a compressed plane only if it is at most this fraction of raw
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # zstandard contexts are not safe to share between threads; one per thread and level.
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def _worth_compressing(data: np.ndarray, level: int) -> bool:
+    """Compress three small samples; incompressible planes (mantissa bytes) are skipped cheaply."""
+    n = data.nbytes
+    if n <= 3 * _SAMPLE:
+        sample = data.tobytes()
+    else:
+        mid = n // 2
+        sample = b"".join(
+            (data[:_SAMPLE].tobytes(), data[mid : mid + _SAMPLE].tobytes(), data[n - _SAMPLE :].tobytes())
+        )
+    return len(_compressor(level).compress(sample)) <= _GAIN * len(sample)
+
+
+def encode_block(raw: np.ndarray, dtype: str, itemsize: int, codec: str, level: int) -> tuple[str, bytes | memoryview]:
+    """Encode a contiguous uint8 array. ``codec`` is the requested family ("zstd" or "none");
+    the returned name is what was actually used for this block."""
+    if codec == "none" or raw.nbytes == 0:
+        return "raw", memoryview(raw)
+    if dtype in PLANE_DTYPES and itemsize > 1 and raw.nbytes >= itemsize * 64:
+        return _encode_planes(raw, itemsize, level)
+    if not _worth_compressing(raw, level):
+        return "raw", memoryview(raw)
+    packed = _compressor(level).compress(raw)
+    if len(packed) >= raw.nbytes:
+        return "raw", memoryview(raw)
+    return "zstd", packed
+
+
+def _encode_planes(raw: np.ndarray, itemsize: int, level: int) -> tuple[str, bytes | memoryview]:
+    planes = raw.reshape(-1, itemsize).T
+    flags = bytearray()
+    parts: list[bytes] = []
+    for i in range(itemsize):
+        plane = np.ascontiguousarray(planes[i])
+        packed = _compressor(level).compress(plane) if _worth_compressing(plane, level) else None
+        if packed is not None and len(packed) < _GAIN * plane.nbytes:
+            flags.append(1)
+            parts.append(packed)
+        else:
+            flags.append(0)
+            parts.append(plane.tobytes())
+    if not any(flags):
+        return "raw", memoryview(raw)
+    header = struct.pack(f"<B{itemsize}B{itemsize}Q", itemsize, *flags, *(len(p) for p in parts))
+    return "planes", b"".join([header, *parts])
+
+
+def decode_block(codec: str, payload: bytes | memoryview, out: np.ndarray, itemsize: int) -> None:
+    """Decode ``payload`` into ``out`` (a writable uint8 array of exactly the raw size).
+    Every length is checked before use, so a hostile block cannot make this allocate more than
+    ``out`` or read outside ``payload``."""
+    if codec == "raw":
+        if len(payload) != out.nbytes:
+            raise CorruptCheckpointError(f"raw block holds {len(payload)} bytes, expected {out.nbytes}")
+        out[:] = np.frombuffer(payload, dtype=np.uint8)
+    elif codec == "zstd":
+        out[:] = _unzstd(payload, out.nbytes)
+    elif codec == "planes":
+        _decode_planes(payload, out, itemsize)
+    else:
+        raise CorruptCheckpointError(f"unknown block codec {codec!r}")
+
+
+def _unzstd(payload: bytes | memoryview, expected: int) -> np.ndarray:
+    try:
+        size = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as e:
+        raise CorruptCheckpointError(f"bad zstd frame: {e}") from e
+    if size != expected:
+        raise CorruptCheckpointError(f"zstd frame declares {size} bytes, expected {expected}")
+    try:
+        data = _decompressor().decompress(payload, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise CorruptCheckpointError(f"zstd decompression failed: {e}") from e
+    if len(data) != expected:
+        raise CorruptCheckpointError(f"zstd frame decoded to {len(data)} bytes, expected {expected}")
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _decode_planes(payload: bytes | memoryview, out: np.ndarray, itemsize: int) -> None:
+    view = memoryview(payload)
+    if len(view) < 1 or view[0] != itemsize or out.nbytes % itemsize:
+        raise CorruptCheckpointError(f"byte-plane block does not match element size {itemsize}")
+    head = 1 + 9 * itemsize
+    if len(view) < head:
+        raise CorruptCheckpointError("byte-plane block header is truncated")
+    fields = struct.unpack_from(f"<B{itemsize}B{itemsize}Q", view)
+    flags, lengths = fields[1 : 1 + itemsize], fields[1 + itemsize :]
+    if sum(lengths) != len(view) - head:
+        raise CorruptCheckpointError("byte-plane lengths do not add up to the block size")
+    n = out.nbytes // itemsize
+    grid = out.reshape(n, itemsize)
+    pos = head
+    for i in range(itemsize):
+        part = view[pos : pos + lengths[i]]
+        pos += lengths[i]
+        if flags[i] == 0:
+            if len(part) != n:
+                raise CorruptCheckpointError(f"raw plane {i} holds {len(part)} bytes, expected {n}")
+            grid[:, i] = np.frombuffer(part, dtype=np.uint8)
+        elif flags[i] == 1:
+            grid[:, i] = _unzstd(part, n)
+        else:
+            raise CorruptCheckpointError(f"plane {i} has unknown flag {flags[i]}")

@@ -1,0 +1,92 @@
+"""The coordinator's commit: assemble the global index from every rank's write results, check
+replicas, and publish it atomically. Nothing here runs before every rank's data is durable."""
+
+from __future__ import annotations
+
+import logging
+
+from shardckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, ReplicaMismatchError
+from shardckpt.format.index_json import decode_index, encode_index
+from shardckpt.format.schema import DATA_DIR, INDEX_NAME, BlockEntry, CheckpointIndex, FileEntry, TensorEntry, ValueEntry
+from shardckpt.planning.boxes import Box
+from shardckpt.planning.load_plan import plan_reads
+from shardckpt.planning.save_plan import SavePlan
+from shardckpt.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+RankResult = dict[str, object]  # {"file": name, "size": int, "blocks": [...], "hashes": {key: hex}}
+
+
+def check_replicas(results: list[RankResult]) -> None:
+    """Plain tensors are saved once; make sure every rank held the same bytes."""
+    seen: dict[str, tuple[int, str]] = {}
+    for rank, res in enumerate(results):
+        hashes = res["hashes"]
+        assert isinstance(hashes, dict)
+        for key, digest in sorted(hashes.items()):
+            first = seen.setdefault(key, (rank, digest))
+            if first[1] != digest:
+                raise ReplicaMismatchError(
+                    f"plain tensor {key!r} holds different values on rank {first[0]} and rank {rank}; a plain "
+                    "tensor is saved once as a replica. Make it equal on every rank, shard it as a DTensor, "
+                    "or wrap it in shardckpt.PerRank to keep each rank's copy"
+                )
+
+
+def build_index(save_id: str, plan: SavePlan, results: list[RankResult], metadata: dict[str, object]) -> CheckpointIndex:
+    files = tuple(
+        FileEntry(str(res["file"]), rank, int(res["size"]))  # type: ignore[call-overload]
+        for rank, res in enumerate(results)
+        if res["file"] is not None
+    )
+    file_of_rank = {f.rank: i for i, f in enumerate(files)}
+    blocks: dict[tuple[str, int | None], list[BlockEntry]] = {}
+    for rank, res in enumerate(results):
+        for key, entry_rank, offsets, sizes, offset, length, raw, codec, digest in res["blocks"]:  # type: ignore[attr-defined]
+            blocks.setdefault((key, entry_rank), []).append(
+                BlockEntry(tuple(offsets), tuple(sizes), file_of_rank[rank], offset, length, raw, codec, digest)
+            )
+    tensors = []
+    for spec in plan.tensors:
+        found = sorted(blocks.get((spec.key, spec.entry_rank), []), key=lambda b: (b.offsets, b.file, b.offset))
+        entry = TensorEntry(spec.key, spec.path, spec.dtype, spec.shape, spec.entry_rank, tuple(found))
+        # A save must never commit a tensor with holes: the same check load applies.
+        plan_reads(entry, Box.full(spec.shape), "save")
+        tensors.append(entry)
+    values = tuple(ValueEntry(v.key, v.path, v.value, v.entry_rank) for v in plan.values)
+    return CheckpointIndex(save_id, len(results), files, tuple(tensors), values, metadata=metadata)
+
+
+def commit_index(storage: LocalStorage, index: CheckpointIndex) -> None:
+    data = encode_index(index)
+    # Decode what we are about to publish: a writer bug must fail the save, not a later load.
+    decode_index(data, str(storage.root / INDEX_NAME))
+    storage.write_atomic(INDEX_NAME, data)
+
+
+def remove_stale_files(storage: LocalStorage, index: CheckpointIndex) -> list[str]:
+    """After a commit, data files of earlier or torn saves into the same directory are garbage."""
+    live = {f.name for f in index.files}
+    stale = [name for name in storage.list(DATA_DIR) if name not in live]
+    for name in stale:
+        storage.delete(name)
+    if stale:
+        log.info("removed %d stale data file(s) from %s", len(stale), storage.root)
+    return stale
+
+
+def read_committed_index(storage: LocalStorage) -> CheckpointIndex:
+    where = str(storage.root / INDEX_NAME)
+    if not storage.root.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.root}: the directory does not exist")
+    try:
+        data = storage.read_all(INDEX_NAME, 1 << 30)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {storage.root}: {INDEX_NAME} is missing (empty directory, or a save that never "
+            "committed)"
+        ) from None
+    if not data:
+        raise CorruptCheckpointError(f"{where} is empty")
+    return decode_index(data, where)

@@ -1,0 +1,83 @@
+"""The only importer of torch.distributed. Collectives here carry failures: each rank contributes
+either its result or its error, and when any rank failed every rank raises, so one rank's bad input
+never leaves the others hanging in the next collective."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from shardckpt.errors import RankFailedError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Comm:
+    """A process group seen as (rank, world size, failure-aware gather)."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        if group is None:
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
+
+    @staticmethod
+    def for_group(process_group: dist.ProcessGroup | None) -> Comm:
+        if process_group is not None:
+            return Comm(process_group)
+        if dist.is_available() and dist.is_initialized():
+            return Comm(dist.group.WORLD)
+        return Comm(None)
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, payload: object) -> list[object]:
+        """Gather a JSON-able payload from every rank (plain JSON on the wire, as elsewhere)."""
+        if self.group is None:
+            return [payload]
+        out: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(out, json.dumps(payload), group=self.group)
+        return [json.loads(s) for s in out if s is not None]
+
+    def run(self, what: str, fn: Callable[[], tuple[T, object]]) -> tuple[T, list[object]]:
+        """Run ``fn`` locally, then gather its JSON-able payload from every rank.
+
+        ``fn`` returns (local result, payload). If it raised on any rank, that rank re-raises its own
+        error and the ranks that succeeded raise ``RankFailedError`` naming the failed ranks, so no
+        rank goes on into a collective that the failed one will never join.
+        """
+        error: Exception | None = None
+        local: T | None = None
+        payload: object = None
+        try:
+            local, payload = fn()
+        except Exception as e:  # noqa: BLE001 - every failure must reach the gather, or peers hang
+            error = e
+        mine = {"ok": payload} if error is None else {"error": f"{type(error).__name__}: {error}"}
+        gathered = self.all_gather(mine)
+        if error is not None:
+            raise error
+        failures = {r: str(g["error"]) for r, g in enumerate(gathered) if isinstance(g, dict) and "error" in g}
+        if failures:
+            detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+            raise RankFailedError(f"{what} failed on rank(s) {sorted(failures)}: {detail}", failures)
+        return local, [g["ok"] for g in gathered if isinstance(g, dict)]  # type: ignore[return-value]
+
+    def side_group(self) -> Comm:
+        """A separate gloo group for work on background threads: collectives of the training job's
+        own group must not run concurrently from another thread. Collective to create."""
+        if self.group is None:
+            return self
+        ranks = dist.get_process_group_ranks(self.group)
+        group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(minutes=30))
+        return Comm(group)

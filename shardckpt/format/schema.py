@@ -1,0 +1,113 @@
+"""Frozen dataclasses that mirror the index JSON one to one (docs/format.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FORMAT_NAME = "shardckpt"
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+DATA_DIR = "data"
+# Every data file starts with this header: magic, format version, rank, save id (ASCII, padded).
+DATA_MAGIC = b"SHCKDAT1"
+DATA_HEADER_BYTES = 64
+
+PathPart = str | int
+JsonValue = object
+
+# The only dtypes a checkpoint may name. Looking names up here (never getattr on torch) keeps a
+# hostile index from reaching arbitrary attributes.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "complex64": torch.complex64,
+    "complex128": torch.complex128,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "uint16": torch.uint16,
+    "uint32": torch.uint32,
+    "uint64": torch.uint64,
+    "bool": torch.bool,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    return DTYPE_NAMES.get(dtype)
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One independently decodable piece of a tensor: a box of the global tensor, stored at
+    ``[offset, offset + length)`` of data file number ``file``."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: int
+    offset: int
+    length: int
+    raw_length: int
+    codec: str
+    checksum: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor's global description and the blocks that hold it. ``rank`` is set for per-rank
+    tensors (one entry per saving rank) and None for global ones."""
+
+    key: str
+    path: tuple[PathPart, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    rank: int | None = None
+    blocks: tuple[BlockEntry, ...] = ()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ValueEntry:
+    """A JSON-like value (int, float, str, bool, None, containers of them), stored inline."""
+
+    key: str
+    path: tuple[PathPart, ...]
+    value: JsonValue
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    rank: int
+    size: int
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """The global index: what makes a checkpoint exist."""
+
+    save_id: str
+    world_size: int
+    files: tuple[FileEntry, ...]
+    tensors: tuple[TensorEntry, ...]
+    values: tuple[ValueEntry, ...]
+    version: int = FORMAT_VERSION
+    metadata: dict[str, JsonValue] = field(default_factory=dict)
+
+    def bytes_raw(self) -> int:
+        return sum(b.raw_length for t in self.tensors for b in t.blocks)
+
+    def bytes_stored(self) -> int:
+        return sum(b.length for t in self.tensors for b in t.blocks)

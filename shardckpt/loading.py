@@ -1,0 +1,139 @@
+"""Match a target state against the index: which tensors to fill from which blocks, which values to
+replace, which stateful objects to hand their filled state_dict back to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shardckpt.errors import StateMismatchError
+from shardckpt.flatten import PerRank, check_part, contains_tensors, is_stateful, join_key
+from shardckpt.format.schema import CheckpointIndex, PathPart, TensorEntry, ValueEntry, dtype_name
+from shardckpt.format.values import decode_value
+from shardckpt.layout import local_view
+from shardckpt.pipeline.reader import ReadRequest
+from shardckpt.planning.boxes import Box
+from shardckpt.planning.load_plan import plan_reads
+
+
+@dataclass
+class LoadWalk:
+    index: CheckpointIndex
+    rank: int
+    where: str
+    requests: list[ReadRequest] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    statefuls: list[tuple[object, dict[str, object]]] = field(default_factory=list)
+    consumed: set[tuple[str, int | None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.tensors: dict[tuple[str, int | None], TensorEntry] = {(t.key, t.rank): t for t in self.index.tensors}
+        self.values: dict[tuple[str, int | None], ValueEntry] = {(v.key, v.rank): v for v in self.index.values}
+        self.prefixes: set[tuple[PathPart, ...]] = set()
+        for entry in (*self.index.tensors, *self.index.values):
+            for i in range(1, len(entry.path)):
+                self.prefixes.add(tuple(str(p) for p in entry.path[:i]))
+
+    def fill_root(self, state: dict[str, object]) -> None:
+        if not isinstance(state, dict):
+            raise StateMismatchError(f"state must be a dict, not {type(state).__name__}")
+        for part, child in list(state.items()):
+            state[part] = self.fill(child, (check_part(part, ()),), False)
+
+    def fill(self, node: object, path: tuple[PathPart, ...], per_rank: bool) -> object:
+        key = join_key(path)
+        ident = (key, self.rank if per_rank else None)
+        if isinstance(node, PerRank):
+            return PerRank(self.fill(node.value, path, True))
+        if isinstance(node, torch.Tensor):
+            self._fill_tensor(node, key, ident)
+            return node
+        if is_stateful(node):
+            template = node.state_dict()  # type: ignore[attr-defined]
+            if not isinstance(template, dict):
+                raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
+            filled = self.fill(template, path, per_rank)
+            assert isinstance(filled, dict)
+            self._materialize(filled, path, per_rank)
+            self.statefuls.append((node, filled))
+            return node
+        value = self.values.get(ident)
+        if value is not None and not contains_tensors(node):
+            self.consumed.add(ident)
+            return decode_value(value.value, f"{self.where}: value {key!r}")
+        if isinstance(node, dict):
+            for part, child in list(node.items()):
+                node[part] = self.fill(child, path + (check_part(part, path),), per_rank)
+            return node
+        if isinstance(node, list | tuple):
+            items = [self.fill(child, path + (i,), per_rank) for i, child in enumerate(node)]
+            if isinstance(node, list):
+                node[:] = items
+                return node
+            return tuple(items)
+        if tuple(str(p) for p in path) not in self.prefixes:
+            self.missing.append(key)
+        return node
+
+    def _fill_tensor(self, tensor: torch.Tensor, key: str, ident: tuple[str, int | None]) -> None:
+        entry = self.tensors.get(ident)
+        if entry is None:
+            self.missing.append(key if ident[1] is None else f"{key} (rank {ident[1]})")
+            return
+        self.consumed.add(ident)
+        if ident[1] is not None:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            shape, box = tuple(local.shape), Box.full(tuple(local.shape))
+        else:
+            shape, box, local = local_view(tensor, key, self.rank)
+        if dtype_name(local.dtype) != entry.dtype or shape != entry.shape:
+            raise StateMismatchError(
+                f"{self.where}: tensor {key!r} on rank {self.rank}: the checkpoint holds {entry.dtype}"
+                f"{list(entry.shape)}, the target is {dtype_name(local.dtype) or local.dtype}{list(shape)}"
+            )
+        if box.volume:
+            self.requests.append(ReadRequest(entry, box, local, plan_reads(entry, box, self.where)))
+
+    def _materialize(self, filled: dict[str, object], prefix: tuple[PathPart, ...], per_rank: bool) -> None:
+        """Entries saved under a stateful object that its current state_dict lacks (a fresh
+        optimizer has no state yet) are created from the checkpoint, as full local tensors."""
+        want_rank = self.rank if per_rank else None
+        n = len(prefix)
+        for entry in (*self.index.tensors, *self.index.values):
+            ident = (entry.key, entry.rank)
+            if entry.rank != want_rank or ident in self.consumed or len(entry.path) <= n:
+                continue
+            if tuple(str(p) for p in entry.path[:n]) != tuple(str(p) for p in prefix):
+                continue
+            self.consumed.add(ident)
+            if isinstance(entry, TensorEntry):
+                tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
+                if tensor.numel():
+                    full = Box.full(entry.shape)
+                    self.requests.append(ReadRequest(entry, full, tensor, plan_reads(entry, full, self.where)))
+                value: object = tensor
+            else:
+                value = decode_value(entry.value, f"{self.where}: value {entry.key!r}")
+            _insert(filled, entry.path[n:], PerRank(value) if per_rank else value, entry.key)
+
+
+def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object, key: str) -> None:
+    node: object = root
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, dict):
+            if last:
+                node[part] = value  # type: ignore[index]
+            else:
+                # Missing containers are created as dicts: int keys (optimizer state) are far more
+                # common than lists that a state_dict leaves out.
+                node = node.setdefault(part, {})  # type: ignore[call-overload]
+        elif isinstance(node, list) and isinstance(part, int) and part <= len(node):
+            if part == len(node):
+                node.append(value if last else {})
+            elif last:
+                node[part] = value
+            node = node[part]
+        else:
+            raise StateMismatchError(f"cannot place checkpoint key {key!r} into the target state")

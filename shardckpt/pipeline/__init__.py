@@ -1,0 +1,1 @@
+"""Moving bytes: staging (snapshot), encode + write, read + decode + place."""

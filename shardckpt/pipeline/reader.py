@@ -1,0 +1,88 @@
+"""Read the blocks a rank needs, verify, decode and copy them into the target tensors.
+
+Each block is read with one pread, its checksum checked before anything decodes it, decoded into a
+fresh buffer of the declared size (bounded by the index validation) and copied into the part of the
+target it covers. Reads and decodes of different blocks run in parallel.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shardckpt.codec import decode_block
+from shardckpt.codec.checksum import checksum
+from shardckpt.errors import CheckpointError, CorruptCheckpointError
+from shardckpt.format.schema import DATA_HEADER_BYTES, CheckpointIndex, TensorEntry
+from shardckpt.pipeline.datafile import check_header
+from shardckpt.planning.boxes import Box
+from shardckpt.planning.load_plan import BlockRead
+from shardckpt.storage import LocalStorage
+
+
+@dataclass
+class ReadRequest:
+    entry: TensorEntry
+    needed: Box
+    target: torch.Tensor  # holds exactly ``needed``
+    reads: list[BlockRead]
+
+
+def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int], where: str) -> None:
+    """Size and header of every data file this rank will read."""
+    for i in sorted(file_ids):
+        f = index.files[i]
+        actual = storage.size(f.name)
+        if actual != f.size:
+            raise CorruptCheckpointError(
+                f"{where}: data file {f.name} (rank {f.rank}) is {actual} bytes, the index says {f.size} "
+                f"({'truncated' if actual < f.size else 'has extra bytes'})"
+            )
+        check_header(storage.read_range(f.name, 0, DATA_HEADER_BYTES), index.save_id, f.rank, f"{where}/{f.name}")
+
+
+def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
+    """One verified, decoded block as a tensor of its box's shape."""
+    b = read.block
+    name = index.files[b.file].name
+    payload = storage.read_range(name, b.offset, b.length)
+    if checksum(payload) != b.checksum:
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch in {name} (rank {index.files[b.file].rank}) at offset {b.offset} for "
+            f"tensor {entry.key!r} block {list(b.offsets)}+{list(b.sizes)}"
+        )
+    out = np.empty(b.raw_length, dtype=np.uint8)
+    dtype = entry.torch_dtype
+    try:
+        decode_block(b.codec, payload, out, dtype.itemsize)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{where}: tensor {entry.key!r} block at {name}:{b.offset}: {e}") from e
+    return torch.from_numpy(out).view(dtype).reshape(b.sizes)
+
+
+def execute_reads(
+    storage: LocalStorage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
+) -> None:
+    futures: list[Future[None]] = []
+    for req in requests:
+        for read in req.reads:
+            futures.append(pool.submit(_read_into, storage, index, req, read, where))
+    wait(futures)
+    for f in futures:
+        exc = f.exception()
+        if exc is not None:
+            if isinstance(exc, CheckpointError):
+                raise exc
+            raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_into(storage: LocalStorage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
+    block = read_block(storage, index, req.entry, read, where)
+    src = block[read.overlap.slices_within(read.box)] if read.box.sizes else block
+    if read.overlap.sizes:
+        req.target[read.overlap.slices_within(req.needed)].copy_(src)
+    else:
+        req.target.copy_(src)

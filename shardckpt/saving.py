@@ -1,0 +1,202 @@
+"""The save stages, shared by the blocking ``save`` and the background ``async_save``:
+prepare (flatten, gather, plan) → stage (snapshot) → write (encode, append, fsync) → commit."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import xxhash
+
+from shardckpt.commit import build_index, check_replicas, commit_index, remove_stale_files
+from shardckpt.dist import Comm
+from shardckpt.flatten import TensorItem, flatten_state
+from shardckpt.format.schema import DATA_DIR
+from shardckpt.options import CompressionOptions
+from shardckpt.pipeline.datafile import data_file_name, encode_header
+from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
+from shardckpt.planning.save_plan import SavePlan, WriteItem, plan_save
+from shardckpt.storage import LocalStorage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a committed save did. Byte counts are totals over all ranks; seconds are this rank's."""
+
+    path: str
+    save_id: str
+    world_size: int
+    bytes_raw: int
+    bytes_stored: int
+    stall_seconds: float
+    background_seconds: float
+    total_seconds: float
+    rank_bytes_raw: int
+    rank_bytes_stored: int
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_raw / self.bytes_stored if self.bytes_stored else 1.0
+
+    @property
+    def throughput_mb_s(self) -> float:
+        """This rank's raw bytes per second of background (encode + write + commit) time."""
+        return self.rank_bytes_raw / 1e6 / self.background_seconds if self.background_seconds > 0 else 0.0
+
+
+@dataclass
+class PreparedSave:
+    path: Path
+    comm: Comm
+    options: CompressionOptions
+    save_id: str
+    plan: SavePlan
+    items: dict[str, TensorItem]
+    check_replicas: bool
+    metadata: dict[str, object]
+    started: float = field(default_factory=time.perf_counter)
+
+
+def prepare_save(
+    state: dict[str, object],
+    path: Path,
+    comm: Comm,
+    options: CompressionOptions,
+    check_replicas: bool,
+    metadata: dict[str, object] | None = None,
+) -> PreparedSave:
+    """Flatten the state on every rank, gather the metadata, and plan who writes what."""
+    started = time.perf_counter()
+
+    def local() -> tuple[list[TensorItem], object]:
+        tensors, values = flatten_state(state, comm.rank)
+        meta = {
+            "tensors": [t.meta() for t in tensors],
+            "values": [[v.key, list(v.path), v.value, v.per_rank] for v in values],
+            "save_id": secrets.token_hex(8) if comm.is_coordinator else None,
+        }
+        return tensors, meta
+
+    tensors, metas = comm.run(f"save to {path}: collecting the state", local)
+    save_id = str(metas[0]["save_id"])  # type: ignore[index]
+    plan, _ = comm.run(f"save to {path}: planning", lambda: (plan_save(metas, options.block_bytes), None))  # type: ignore[arg-type]
+    items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
+    return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, metadata or {}, started)
+
+
+def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
+    return prep.items[w.key if w.entry_rank is None else f"{w.key}\0{w.entry_rank}"]
+
+
+def stage(prep: PreparedSave, snapshot: bool) -> list[StagedWrite]:
+    """CPU-contiguous bytes for each of this rank's write items. With ``snapshot`` every item is
+    copied, so the caller may change its tensors as soon as this returns; without it, CPU tensors
+    that are already contiguous are used in place (the blocking save holds the caller anyway)."""
+    staged = []
+    for w in prep.plan.writes[prep.comm.rank]:
+        item = _item_for(prep, w)
+        view = source_view(item.local, item.box, w.box)
+        if snapshot or view.device.type != "cpu" or not view.is_contiguous():
+            data = torch.empty(view.shape, dtype=view.dtype)
+            data.copy_(view)
+        else:
+            data = view
+        staged.append(StagedWrite(w, item.dtype, data))
+    return staged
+
+
+def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, str]:
+    """xxh3 of every plain tensor that other ranks also hold, to catch replicas that differ."""
+    if not prep.check_replicas:
+        return {}
+    wanted = [
+        spec.key for spec in prep.plan.tensors
+        if spec.plain and spec.entry_rank is None and len(spec.holders) > 1 and prep.comm.rank in spec.holders
+    ]
+
+    def digest(key: str) -> str:
+        t = prep.items[key].local.detach()
+        t = t.cpu() if t.device.type != "cpu" else t
+        return xxhash.xxh3_64_hexdigest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    return dict(zip(wanted, pool.map(digest, wanted)))
+
+
+@dataclass(frozen=True)
+class Committed:
+    bytes_raw: int
+    bytes_stored: int
+    rank_bytes_stored: int
+
+
+def write_and_commit(
+    prep: PreparedSave, staged: list[StagedWrite], hashes: dict[str, str], comm: Comm, pool: ThreadPoolExecutor
+) -> Committed:
+    """Write this rank's blocks durably, then let the coordinator commit the index.
+    ``comm`` may differ from ``prep.comm`` (a side group when this runs on a background thread)."""
+    storage = LocalStorage(prep.path)
+
+    def write() -> tuple[None, object]:
+        storage.ensure_dir(DATA_DIR)
+        if not staged:
+            return None, {"file": None, "size": 0, "blocks": [], "hashes": hashes}
+        name = data_file_name(prep.save_id, comm.rank)
+        out = storage.create(name)
+        try:
+            out.append(encode_header(prep.save_id, comm.rank))
+            blocks = write_blocks(staged, out, prep.options, pool)
+            size = out.finish()
+        except BaseException:
+            out.abort()
+            storage.delete(name)
+            raise
+        storage.fsync_dir(DATA_DIR)
+        return None, {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
+
+    _, results = comm.run(f"save to {prep.path}: writing data", write)
+
+    def commit() -> tuple[None, object]:
+        if not comm.is_coordinator:
+            return None, None
+        check_replicas(results)  # type: ignore[arg-type]
+        index = build_index(prep.save_id, prep.plan, results, prep.metadata)  # type: ignore[arg-type]
+        commit_index(storage, index)
+        remove_stale_files(storage, index)
+        return None, [index.bytes_raw(), index.bytes_stored()]
+
+    _, totals = comm.run(f"save to {prep.path}: committing the index", commit)
+    raw, stored = totals[0]  # type: ignore[misc]
+    mine = results[comm.rank]["blocks"]  # type: ignore[index]
+    return Committed(raw, stored, sum(b[5] for b in mine))
+
+
+def result_of(
+    prep: PreparedSave, staged: list[StagedWrite], done: Committed, stall: float, background: float
+) -> SaveResult:
+    total = time.perf_counter() - prep.started
+    result = SaveResult(
+        path=str(prep.path),
+        save_id=prep.save_id,
+        world_size=prep.comm.world_size,
+        bytes_raw=done.bytes_raw,
+        bytes_stored=done.bytes_stored,
+        stall_seconds=stall,
+        background_seconds=background,
+        total_seconds=total,
+        rank_bytes_raw=sum(s.data.numel() * s.data.element_size() for s in staged),
+        rank_bytes_stored=done.rank_bytes_stored,
+    )
+    if prep.comm.is_coordinator:
+        log.info(
+            "saved %s: %d ranks, %.1f MB raw -> %.1f MB stored (%.2fx), stall %.3fs, background %.3fs, total %.3fs",
+            prep.path, result.world_size, result.bytes_raw / 1e6, result.bytes_stored / 1e6,
+            result.compression_ratio, stall, background, total,
+        )
+    return result
