@@ -15,6 +15,7 @@ import xxhash
 
 from shardckpt.commit import build_index, check_replicas, commit_index, remove_stale_files
 from shardckpt.dist import Comm
+from shardckpt.errors import CheckpointError
 from shardckpt.flatten import TensorItem, flatten_state
 from shardckpt.format.schema import DATA_DIR
 from shardckpt.options import CompressionOptions
@@ -160,18 +161,29 @@ def write_and_commit(
         storage.fsync_dir(DATA_DIR)
         return None, {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
 
-    _, results = comm.run(f"save to {prep.path}: writing data", write)
+    committed = False
 
-    def commit() -> tuple[None, object]:
+    def commit(results: list[object]) -> tuple[None, object]:
+        nonlocal committed
         if not comm.is_coordinator:
             return None, None
         check_replicas(results)  # type: ignore[arg-type]
         index = build_index(prep.save_id, prep.plan, results, prep.metadata)  # type: ignore[arg-type]
         commit_index(storage, index)
+        committed = True
         remove_stale_files(storage, index)
         return None, [index.bytes_raw(), index.bytes_stored()]
 
-    _, totals = comm.run(f"save to {prep.path}: committing the index", commit)
+    try:
+        _, results = comm.run(f"save to {prep.path}: writing data", write)
+        _, totals = comm.run(f"save to {prep.path}: committing the index", lambda: commit(results))
+    except CheckpointError:
+        # Every rank raises together and no index names this save: leave no orphaned data. (Not on
+        # a broken connection: then the coordinator may have committed, and the data is live.)
+        if not committed:
+            storage.delete(data_file_name(prep.save_id, comm.rank))
+        raise
+
     raw, stored = totals[0]  # type: ignore[misc]
     mine = results[comm.rank]["blocks"]  # type: ignore[index]
     return Committed(raw, stored, sum(b[5] for b in mine))

@@ -16,8 +16,10 @@ import numpy as np
 import zstandard
 
 from shardckpt.errors import CorruptCheckpointError
+from shardckpt.format.schema import CODECS
 
-CODECS = ("raw", "zstd", "planes")
+__all__ = ["CODECS", "decode_block", "encode_block"]
+
 PLANE_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 _SAMPLE = 16 << 10
 _GAIN = 0.94  # keep a compressed plane only if it is at most this fraction of raw

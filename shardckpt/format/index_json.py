@@ -13,7 +13,9 @@ from typing import TypeVar
 
 from shardckpt.errors import IndexFormatError
 from shardckpt.format.schema import (
+    CODECS,
     DATA_DIR,
+    DATA_HEADER_BYTES,
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -35,7 +37,7 @@ MAX_BYTES = 1 << 56
 MAX_BLOCK_RAW = 1 << 31
 _FILE_NAME = re.compile(rf"^{DATA_DIR}/[A-Za-z0-9_.-]{{1,200}}$")
 _CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
-_SAVE_ID = re.compile(r"^[0-9a-f]{8,64}$")
+_SAVE_ID = re.compile(r"^[0-9a-f]{8,48}$")  # the data file header holds 48 bytes
 
 T = TypeVar("T")
 
@@ -89,6 +91,8 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
         raise IndexFormatError(f"{where}: bad save_id {save_id!r}")
     world_size = _int(doc.get("world_size"), where, "world_size", lo=1, hi=1 << 24)
     metadata = decode_value(_typed(doc.get("metadata", {}), dict, where, "metadata"), f"{where}: metadata")
+    if not isinstance(metadata, dict):
+        raise IndexFormatError(f"{where}: field metadata must decode to an object")
     files = tuple(_decode_file(f, i, world_size, where) for i, f in enumerate(_list(doc, "files", where)))
     names = [f.name for f in files]
     if len(set(names)) != len(names):
@@ -96,7 +100,6 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
     tensors = tuple(_decode_tensor(t, i, files, world_size, where) for i, t in enumerate(_list(doc, "tensors", where)))
     values = tuple(_decode_value_entry(v, i, world_size, where) for i, v in enumerate(_list(doc, "values", where)))
     _check_unique(tensors, values, where)
-    assert isinstance(metadata, dict)
     return CheckpointIndex(save_id, world_size, files, tensors, values, version, dict(metadata))
 
 
@@ -149,6 +152,11 @@ def _decode_path(obj: object, where: str, field: str) -> tuple[PathPart, ...]:
     return tuple(parts)
 
 
+def _check_key(key: str, path: tuple[PathPart, ...], at: str) -> None:
+    if key != "/".join(str(p) for p in path):
+        raise IndexFormatError(f"{at}: key does not match its path {list(path)}")
+
+
 def _optional_rank(obj: object, world_size: int, where: str, field: str) -> int | None:
     return None if obj is None else _int(obj, where, field, hi=world_size - 1)
 
@@ -160,6 +168,7 @@ def _decode_tensor(
     key = _typed(t.get("key"), str, where, f"tensors[{i}].key")
     at = f"{where}: tensor {key!r}"
     path = _decode_path(t.get("path"), at, "path")
+    _check_key(key, path, at)
     dtype = _typed(t.get("dtype"), str, at, "dtype")
     if dtype not in DTYPES:
         raise IndexFormatError(f"{at}: unknown dtype {dtype!r}")
@@ -204,7 +213,13 @@ def _decode_block(
             f"{at}: blocks[{j}] range [{offset}, {offset + length}) exceeds {files[file].name} "
             f"({files[file].size} bytes)"
         )
+    if offset < DATA_HEADER_BYTES:
+        raise IndexFormatError(f"{at}: blocks[{j}] offset {offset} lies inside the data file header")
     codec = _typed(b[6], str, at, f"blocks[{j}].codec")
+    if codec not in CODECS:
+        raise IndexFormatError(f"{at}: blocks[{j}] has unknown codec {codec!r}")
+    if codec == "raw" and length != raw_length:
+        raise IndexFormatError(f"{at}: raw blocks[{j}] length {length} differs from raw_length {raw_length}")
     checksum = _typed(b[7], str, at, f"blocks[{j}].checksum")
     if not _CHECKSUM.match(checksum):
         raise IndexFormatError(f"{at}: blocks[{j}] checksum {checksum!r} is not 16 hex digits")
@@ -216,6 +231,7 @@ def _decode_value_entry(obj: object, i: int, world_size: int, where: str) -> Val
     key = _typed(v.get("key"), str, where, f"values[{i}].key")
     at = f"{where}: value {key!r}"
     path = _decode_path(v.get("path"), at, "path")
+    _check_key(key, path, at)
     if "value" not in v:
         raise IndexFormatError(f"{at}: missing field value")
     decode_value(v["value"], at)  # validate now; decoded again on load

@@ -13,6 +13,8 @@ DATA_DIR = "data"
 # Every data file starts with this header: magic, format version, rank, save id (ASCII, padded).
 DATA_MAGIC = b"SHCKDAT1"
 DATA_HEADER_BYTES = 64
+# Block codecs a reader must know (docs/format.md, "Codecs").
+CODECS = ("raw", "zstd", "planes")
 
 PathPart = str | int
 JsonValue = object

@@ -45,12 +45,13 @@ class Piece:
 
 
 def split_box(box: Box, itemsize: int, block_bytes: int) -> list[Piece]:
-    """Split ``box`` into blocks of at most ``block_bytes`` (unless one row of the innermost
-    dimension is larger) that are each a box and a contiguous run of the box's row-major bytes.
+    """Split ``box`` into blocks of at most ``block_bytes`` that are each a box and a contiguous
+    run of the box's row-major bytes.
 
     Splitting happens along the outermost dimension whose trailing slab fits in a block; every
-    dimension before it is walked one index at a time. So a [4096, 4096] bf16 weight becomes 16
-    row bands, and a rank that needs rows 1000-1999 reads only the bands that cover them.
+    dimension before it is walked one index at a time (a row longer than a block is cut within the
+    innermost dimension). At 4 MiB blocks a [4096, 4096] bf16 weight becomes 8 row bands, and a rank
+    that needs rows 1000-1999 reads only the bands that cover them.
     """
     if box.volume == 0:
         return []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -27,7 +28,8 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable[..., Any], 
             result = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        out.put((rank, "ok", result))
+        # Plain pickle bytes: torch's queue reducer would share tensor memory with a process that exits.
+        out.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         out.put((rank, "error", traceback.format_exc()))
 
@@ -71,4 +73,4 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     if errors:
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise AssertionError(f"worker(s) failed:\n{detail}")
-    return [results[r] for r in range(world_size)]
+    return [pickle.loads(results[r]) for r in range(world_size)]
