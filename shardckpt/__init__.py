@@ -5,6 +5,7 @@ Save with ``save`` (or ``async_save``), restore onto any world size with ``load`
 """
 
 from shardckpt.api import VerifyReport, load, read_index, save, verify
+from shardckpt.async_save import SaveHandle, async_save, shutdown
 from shardckpt.errors import (
     CheckpointError,
     CheckpointIOError,
@@ -35,11 +36,14 @@ __all__ = [
     "PerRank",
     "RankFailedError",
     "ReplicaMismatchError",
+    "SaveHandle",
     "SaveResult",
     "StateMismatchError",
     "VerifyReport",
+    "async_save",
     "load",
     "read_index",
     "save",
+    "shutdown",
     "verify",
 ]

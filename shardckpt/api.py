@@ -52,11 +52,11 @@ def save(
     t0 = time.perf_counter()
     prep = prepare_save(state, Path(path), comm, options, check_replicas, metadata)
     with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
-        staged, _ = comm.run(f"save to {path}: staging", lambda: (stage(prep, snapshot=False), None))
+        staged, _ = comm.run(f"save to {path}: staging", lambda: (list(stage(prep)), None))
         hashes = replica_hashes(prep, pool)
         stall = time.perf_counter() - t0
         done = write_and_commit(prep, staged, hashes, comm, pool)
-    return result_of(prep, staged, done, stall, time.perf_counter() - t0 - stall)
+    return result_of(prep, done, stall, time.perf_counter() - t0 - stall)
 
 
 def load(

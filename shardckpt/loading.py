@@ -108,17 +108,19 @@ class LoadWalk:
                 continue
             self.consumed.add(ident)
             if isinstance(entry, TensorEntry):
+                # Plan first: only a tensor whose blocks really cover it gets memory.
+                full = Box.full(entry.shape)
+                reads = plan_reads(entry, full, self.where) if full.volume else []
                 tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
-                if tensor.numel():
-                    full = Box.full(entry.shape)
-                    self.requests.append(ReadRequest(entry, full, tensor, plan_reads(entry, full, self.where)))
+                if full.volume:
+                    self.requests.append(ReadRequest(entry, full, tensor, reads))
                 value: object = tensor
             else:
                 value = decode_value(entry.value, f"{self.where}: value {entry.key!r}")
-            _insert(filled, entry.path[n:], PerRank(value) if per_rank else value, entry.key)
+            _insert(filled, entry.path[n:], PerRank(value) if per_rank else value, entry.key, self.where)
 
 
-def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object, key: str) -> None:
+def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object, key: str, where: str) -> None:
     node: object = root
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -129,11 +131,11 @@ def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object,
                 # Missing containers are created as dicts: int keys (optimizer state) are far more
                 # common than lists that a state_dict leaves out.
                 node = node.setdefault(part, {})  # type: ignore[call-overload]
-        elif isinstance(node, list) and isinstance(part, int) and part <= len(node):
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part <= len(node):
             if part == len(node):
                 node.append(value if last else {})
             elif last:
                 node[part] = value
             node = node[part]
         else:
-            raise StateMismatchError(f"cannot place checkpoint key {key!r} into the target state")
+            raise StateMismatchError(f"{where}: cannot place checkpoint key {key!r} into the target state")

@@ -59,3 +59,9 @@ def io_threads() -> int:
     if raw:
         return max(1, int(raw))
     return max(2, min(8, os.cpu_count() or 2))
+
+
+def staging_budget() -> int | None:
+    """Host bytes async saves may keep for snapshots (None: as much as a save needs)."""
+    raw = os.environ.get("SHARDCKPT_STAGING_BYTES")
+    return int(raw) if raw else None

@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from shardckpt.flatten import TensorItem, flatten_state
 from shardckpt.format.schema import DATA_DIR
 from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.datafile import data_file_name, encode_header
+from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
 from shardckpt.planning.save_plan import SavePlan, WriteItem, plan_save
 from shardckpt.storage import LocalStorage
@@ -96,21 +98,27 @@ def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
     return prep.items[w.key if w.entry_rank is None else f"{w.key}\0{w.entry_rank}"]
 
 
-def stage(prep: PreparedSave, snapshot: bool) -> list[StagedWrite]:
-    """CPU-contiguous bytes for each of this rank's write items. With ``snapshot`` every item is
-    copied, so the caller may change its tensors as soon as this returns; without it, CPU tensors
-    that are already contiguous are used in place (the blocking save holds the caller anyway)."""
-    staged = []
+def stage(
+    prep: PreparedSave, staging: StagingPool | None = None, copier: DeviceCopier | None = None
+) -> Iterator[StagedWrite]:
+    """CPU-contiguous bytes for each of this rank's write items, one item at a time.
+
+    With a ``staging`` pool every item is copied into a reused buffer (a snapshot: the caller may
+    change its tensors once the items are taken and ``copier`` is synced). Without one, CPU
+    tensors that are already contiguous are used in place; the blocking save holds the caller."""
     for w in prep.plan.writes[prep.comm.rank]:
         item = _item_for(prep, w)
-        view = source_view(item.local, item.box, w.box)
-        if snapshot or view.device.type != "cpu" or not view.is_contiguous():
-            data = torch.empty(view.shape, dtype=view.dtype)
-            data.copy_(view)
-        else:
-            data = view
-        staged.append(StagedWrite(w, item.dtype, data))
-    return staged
+        view = source_view(item.local, item.box, w.box).detach()
+        if staging is None:
+            if view.device.type == "cpu" and view.is_contiguous():
+                yield StagedWrite(w, item.dtype, view)
+            else:
+                yield StagedWrite(w, item.dtype, view.to("cpu", copy=True).contiguous())
+            continue
+        buf = staging.acquire(view.dtype, tuple(view.shape), pin=view.device.type == "cuda")
+        copier = copier or DeviceCopier()
+        ready = copier.copy(buf, view)
+        yield StagedWrite(w, item.dtype, buf, ready, pooled=True)
 
 
 def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, str]:
@@ -134,25 +142,36 @@ def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, st
 class Committed:
     bytes_raw: int
     bytes_stored: int
+    rank_bytes_raw: int
     rank_bytes_stored: int
 
 
 def write_and_commit(
-    prep: PreparedSave, staged: list[StagedWrite], hashes: dict[str, str], comm: Comm, pool: ThreadPoolExecutor
+    prep: PreparedSave,
+    staged: Iterable[StagedWrite],
+    hashes: dict[str, str],
+    comm: Comm,
+    pool: ThreadPoolExecutor,
+    on_written: Callable[[StagedWrite], None] | None = None,
 ) -> Committed:
     """Write this rank's blocks durably, then let the coordinator commit the index.
-    ``comm`` may differ from ``prep.comm`` (a side group when this runs on a background thread)."""
+
+    ``staged`` may still be filling while this runs (a streaming save); ``hashes`` is read only
+    after it is exhausted. ``comm`` may differ from ``prep.comm``: a side group when this runs on a
+    background thread."""
     storage = LocalStorage(prep.path)
 
     def write() -> tuple[None, object]:
         storage.ensure_dir(DATA_DIR)
-        if not staged:
+        if not prep.plan.writes[comm.rank]:
+            for sw in staged:  # nothing to write, but drain the stream
+                pass
             return None, {"file": None, "size": 0, "blocks": [], "hashes": hashes}
         name = data_file_name(prep.save_id, comm.rank)
         out = storage.create(name)
         try:
             out.append(encode_header(prep.save_id, comm.rank))
-            blocks = write_blocks(staged, out, prep.options, pool)
+            blocks = write_blocks(staged, out, prep.options, pool, on_written)
             size = out.finish()
         except BaseException:
             out.abort()
@@ -186,12 +205,10 @@ def write_and_commit(
 
     raw, stored = totals[0]  # type: ignore[misc]
     mine = results[comm.rank]["blocks"]  # type: ignore[index]
-    return Committed(raw, stored, sum(b[5] for b in mine))
+    return Committed(raw, stored, sum(b[6] for b in mine), sum(b[5] for b in mine))
 
 
-def result_of(
-    prep: PreparedSave, staged: list[StagedWrite], done: Committed, stall: float, background: float
-) -> SaveResult:
+def result_of(prep: PreparedSave, done: Committed, stall: float, background: float) -> SaveResult:
     total = time.perf_counter() - prep.started
     result = SaveResult(
         path=str(prep.path),
@@ -202,7 +219,7 @@ def result_of(
         stall_seconds=stall,
         background_seconds=background,
         total_seconds=total,
-        rank_bytes_raw=sum(s.data.numel() * s.data.element_size() for s in staged),
+        rank_bytes_raw=done.rank_bytes_raw,
         rank_bytes_stored=done.rank_bytes_stored,
     )
     if prep.comm.is_coordinator:

@@ -85,9 +85,9 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int) -> tuple[str, byt
         else:
             flags.append(0)
             parts.append(plane.tobytes())
-    if not any(flags):
-        return "raw", memoryview(raw)
     header = struct.pack(f"<B{itemsize}B{itemsize}Q", itemsize, *flags, *(len(p) for p in parts))
+    if not any(flags) or len(header) + sum(len(p) for p in parts) >= raw.nbytes:
+        return "raw", memoryview(raw)
     return "planes", b"".join([header, *parts])
 
 
@@ -114,10 +114,15 @@ def _unzstd(payload: bytes | memoryview, expected: int) -> np.ndarray:
         raise CorruptCheckpointError(f"bad zstd frame: {e}") from e
     if size != expected:
         raise CorruptCheckpointError(f"zstd frame declares {size} bytes, expected {expected}")
+    # Streaming decode: libzstd stops at the declared content size (checked above), so output is
+    # bounded, and unlike decompress() it shows what follows the frame.
     try:
-        data = _decompressor().decompress(payload, max_output_size=expected)
+        dobj = _decompressor().decompressobj()
+        data = dobj.decompress(payload)
     except zstandard.ZstdError as e:
         raise CorruptCheckpointError(f"zstd decompression failed: {e}") from e
+    if dobj.unused_data or not dobj.eof:
+        raise CorruptCheckpointError("zstd block has bytes after its frame, or an unfinished frame")
     if len(data) != expected:
         raise CorruptCheckpointError(f"zstd frame decoded to {len(data)} bytes, expected {expected}")
     return np.frombuffer(data, dtype=np.uint8)

@@ -35,9 +35,10 @@ MAX_NDIM = 64
 MAX_DIM = 1 << 48
 MAX_BYTES = 1 << 56
 MAX_BLOCK_RAW = 1 << 31
-_FILE_NAME = re.compile(rf"^{DATA_DIR}/[A-Za-z0-9_.-]{{1,200}}$")
-_CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
-_SAVE_ID = re.compile(r"^[0-9a-f]{8,48}$")  # the data file header holds 48 bytes
+# fullmatch everywhere: "$" would also accept a trailing newline.
+_FILE_NAME = re.compile(rf"{DATA_DIR}/[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,199}}")
+_CHECKSUM = re.compile(r"[0-9a-f]{16}")
+_SAVE_ID = re.compile(r"[0-9a-f]{8,48}")  # the data file header holds 48 bytes
 
 T = TypeVar("T")
 
@@ -87,7 +88,7 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{where}: format version {version} is not supported (this reader: {FORMAT_VERSION})")
     save_id = _typed(doc.get("save_id"), str, where, "save_id")
-    if not _SAVE_ID.match(save_id):
+    if not _SAVE_ID.fullmatch(save_id):
         raise IndexFormatError(f"{where}: bad save_id {save_id!r}")
     world_size = _int(doc.get("world_size"), where, "world_size", lo=1, hi=1 << 24)
     metadata = decode_value(_typed(doc.get("metadata", {}), dict, where, "metadata"), f"{where}: metadata")
@@ -136,7 +137,7 @@ def _list(doc: dict[str, object], field: str, where: str) -> list[object]:
 def _decode_file(obj: object, i: int, world_size: int, where: str) -> FileEntry:
     f = _typed(obj, dict, where, f"files[{i}]")
     name = _typed(f.get("name"), str, where, f"files[{i}].name")
-    if not _FILE_NAME.match(name) or ".." in name:
+    if not _FILE_NAME.fullmatch(name) or ".." in name:
         raise IndexFormatError(f"{where}: data file name {name!r} is not a plain name under {DATA_DIR}/")
     rank = _int(f.get("rank"), where, f"files[{i}].rank", hi=world_size - 1)
     return FileEntry(name, rank, _int(f.get("size"), where, f"files[{i}].size"))
@@ -221,7 +222,7 @@ def _decode_block(
     if codec == "raw" and length != raw_length:
         raise IndexFormatError(f"{at}: raw blocks[{j}] length {length} differs from raw_length {raw_length}")
     checksum = _typed(b[7], str, at, f"blocks[{j}].checksum")
-    if not _CHECKSUM.match(checksum):
+    if not _CHECKSUM.fullmatch(checksum):
         raise IndexFormatError(f"{at}: blocks[{j}] checksum {checksum!r} is not 16 hex digits")
     return BlockEntry(offsets, sizes, file, offset, length, raw_length, codec, checksum)
 

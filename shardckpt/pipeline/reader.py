@@ -35,13 +35,15 @@ def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int
     """Size and header of every data file this rank will read."""
     for i in sorted(file_ids):
         f = index.files[i]
+        # Header first: a swapped file is reported as swapped even when its size differs too.
         actual = storage.size(f.name)
+        if actual >= DATA_HEADER_BYTES:
+            check_header(storage.read_range(f.name, 0, DATA_HEADER_BYTES), index.save_id, f.rank, f"{where}/{f.name}")
         if actual != f.size:
             raise CorruptCheckpointError(
                 f"{where}: data file {f.name} (rank {f.rank}) is {actual} bytes, the index says {f.size} "
                 f"({'truncated' if actual < f.size else 'has extra bytes'})"
             )
-        check_header(storage.read_range(f.name, 0, DATA_HEADER_BYTES), index.save_id, f.rank, f"{where}/{f.name}")
 
 
 def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:

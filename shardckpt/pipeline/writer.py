@@ -2,13 +2,18 @@
 
 zstd and numpy release the GIL, so encoder threads run in parallel and overlap with each other's
 writes; offsets are reserved in the data file so blocks land wherever a thread finishes first.
+Staged items may arrive while earlier ones are being written (a streaming save), and each item's
+buffer is handed back as soon as its last block is on its way to disk.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardckpt.codec import encode_block
@@ -26,6 +31,8 @@ class StagedWrite:
     item: WriteItem
     dtype: str
     data: torch.Tensor
+    ready: torch.cuda.Event | None = None  # set while a device-to-host copy is in flight
+    pooled: bool = False  # the buffer belongs to a StagingPool and goes back after writing
 
 
 def source_view(local: torch.Tensor, local_box: Box, box: Box) -> torch.Tensor:
@@ -34,26 +41,51 @@ def source_view(local: torch.Tensor, local_box: Box, box: Box) -> torch.Tensor:
 
 
 def write_blocks(
-    staged: list[StagedWrite], out: DataFileWriter, options: CompressionOptions, pool: ThreadPoolExecutor
+    staged: Iterable[StagedWrite],
+    out: DataFileWriter,
+    options: CompressionOptions,
+    pool: ThreadPoolExecutor,
+    on_written: Callable[[StagedWrite], None] | None = None,
 ) -> list[list[object]]:
     """Write every block; returns block records ``[key, entry_rank, offsets, sizes, offset, length,
-    raw_length, codec, checksum]`` in a stable order."""
+    raw_length, codec, checksum]`` in submission order. ``on_written(sw)`` runs once all of an
+    item's blocks are written (its buffer may then be reused)."""
     futures: list[Future[list[object]]] = []
-    for sw in staged:
-        raw = sw.data.reshape(-1).view(torch.uint8).numpy()
-        itemsize = sw.data.element_size()
-        for piece in split_box(sw.item.box, itemsize, options.block_bytes):
-            lo = piece.start * itemsize
-            chunk = raw[lo : lo + piece.box.volume * itemsize]
-            futures.append(pool.submit(_write_one, sw, piece.box, chunk, itemsize, out, options))
-    wait(futures)  # let every thread finish before the first error propagates and the file closes
+    try:
+        for sw in staged:
+            if sw.ready is not None:
+                sw.ready.synchronize()
+            raw = sw.data.reshape(-1).view(torch.uint8).numpy()
+            itemsize = sw.data.element_size()
+            pieces = split_box(sw.item.box, itemsize, options.block_bytes)
+            remaining = [len(pieces)]
+            lock = threading.Lock()
+
+            def finished(_: Future[list[object]], sw: StagedWrite = sw, remaining: list[int] = remaining,
+                         lock: threading.Lock = lock) -> None:
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last and on_written is not None:
+                    on_written(sw)
+
+            if not pieces and on_written is not None:
+                on_written(sw)
+            for piece in pieces:
+                lo = piece.start * itemsize
+                chunk = raw[lo : lo + piece.box.volume * itemsize]
+                f = pool.submit(_write_one, sw, piece.box, chunk, itemsize, out, options)
+                f.add_done_callback(finished)
+                futures.append(f)
+    finally:
+        wait(futures)  # let every thread finish before an error propagates and the file closes
     return [f.result() for f in futures]
 
 
 def _write_one(
-    sw: StagedWrite, box: Box, chunk: object, itemsize: int, out: DataFileWriter, options: CompressionOptions
+    sw: StagedWrite, box: Box, chunk: np.ndarray, itemsize: int, out: DataFileWriter, options: CompressionOptions
 ) -> list[object]:
-    codec, payload = encode_block(chunk, sw.dtype, itemsize, options.codec, options.level)  # type: ignore[arg-type]
+    codec, payload = encode_block(chunk, sw.dtype, itemsize, options.codec, options.level)
     digest = checksum(payload)
     offset = out.append(payload)
     return [sw.item.key, sw.item.entry_rank, list(box.offsets), list(box.sizes), offset, len(payload),

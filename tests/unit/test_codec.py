@@ -116,9 +116,6 @@ def test_bf16_weights_use_byte_planes_and_shrink():
     assert (itemsize, flag_lo, flag_hi) == (2, 0, 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: _encode_planes keeps planes when the 1+9*itemsize header outweighs the plane gain", strict=True
-)
 @pytest.mark.parametrize(("dtype_name", "n"), [("bfloat16", 64), ("float32", 64)])
 def test_planes_never_larger_than_raw(dtype_name, n):
     # Small random float blocks: one plane shrinks a little, the plane header costs more than that.
@@ -199,7 +196,6 @@ def test_zstd_truncated_large(zstd_block):
         _decode_bounded("zstd", zstd_block[:cut], itemsize=1)
 
 
-@pytest.mark.xfail(reason="BUG: _unzstd decodes only the first frame and ignores trailing bytes", strict=True)
 def test_zstd_trailing_bytes_rejected(zstd_block):
     _decode_bounded("zstd", zstd_block + b"trailing garbage", itemsize=1)
 

@@ -1,0 +1,289 @@
+"""``async_save``: the training loop stalls only for the snapshot; encoding, writing, fsync and the
+commit run on background threads.
+
+One ``AsyncSaver`` per process group owns what lives across saves: a gloo side group for the
+background gathers (the job's own group must not be used from another thread), the writer pool,
+the staging pool whose buffers are reused save after save, and the save in flight. Saves never
+overlap: a new one first waits for the previous one (back-pressure), and a failure of the previous
+save surfaces there if nobody has waited for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from shardckpt.dist import Comm
+from shardckpt.errors import CheckpointError
+from shardckpt.options import Compression, compression_options, io_threads, staging_budget
+from shardckpt.pipeline.staging import DeviceCopier, StagingPool
+from shardckpt.pipeline.writer import StagedWrite
+from shardckpt.saving import PreparedSave, SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class _Stall:
+    seconds = 0.0
+
+
+class SaveHandle:
+    """A save in progress. ``wait()`` returns its ``SaveResult`` or raises its error."""
+
+    def __init__(self, path: str, future: Future[SaveResult], stall: _Stall) -> None:
+        self.path = path
+        self._stall = stall
+        self._future = future
+        self.observed = False
+
+    @property
+    def stall_seconds(self) -> float:
+        """Time the caller was held: inside async_save, plus (lazy mode) optimizer steps that waited."""
+        return self._stall.seconds
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until the save is committed; re-raises any failure as a ``CheckpointError``."""
+        try:
+            result = self._future.result(timeout)
+        except FutureTimeout:
+            raise CheckpointError(f"async save to {self.path} still running after {timeout}s") from None
+        except CheckpointError:
+            self.observed = True
+            raise
+        except Exception as e:
+            self.observed = True
+            raise CheckpointError(f"async save to {self.path} failed: {type(e).__name__}: {e}") from e
+        self.observed = True
+        return result
+
+
+class AsyncSaver:
+    def __init__(self, comm: Comm, budget_bytes: int | None) -> None:
+        self.comm = comm
+        self.side = comm.side_group()
+        self.writers = ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-write")
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-commit")
+        self.staging = StagingPool(budget_bytes)
+        self.copier = DeviceCopier()
+        self.last: SaveHandle | None = None
+
+    def save(
+        self,
+        state: dict[str, object],
+        path: Path,
+        compression: Compression,
+        check_replicas: bool,
+        metadata: dict[str, object] | None,
+        lazy: bool,
+    ) -> SaveHandle:
+        t0 = time.perf_counter()
+        self.drain()
+        prep = prepare_save(state, path, self.comm, compression_options(compression), check_replicas, metadata)
+        feed: queue.Queue[object] = queue.Queue()
+        hashes: dict[str, str] = {}
+        future: Future[SaveResult] = Future()
+        stall = _Stall()
+        self.committer.submit(self._background, prep, feed, hashes, future, stall)
+        try:
+            self._start_snapshot(prep, feed, hashes, stall, t0, lazy)
+        except BaseException as e:
+            feed.put(e)  # the background job must not wait for a snapshot that never comes
+            raise
+        self.last = SaveHandle(str(path), future, stall)
+        return self.last
+
+    def _start_snapshot(
+        self, prep: PreparedSave, feed: queue.Queue[object], hashes: dict[str, str], stall: _Stall, t0: float, lazy: bool
+    ) -> None:
+        start = _stream_marker()
+        if lazy:
+            snapshot_done = threading.Event()
+
+            def before_step(*_: object) -> None:
+                # An optimizer step must not change what is still being copied; its wait is stall.
+                if not snapshot_done.is_set():
+                    t = time.perf_counter()
+                    snapshot_done.wait()
+                    stall.seconds += time.perf_counter() - t
+
+            hook = register_optimizer_step_pre_hook(before_step)
+
+            def snapshot() -> None:
+                try:
+                    self._snapshot(prep, feed, hashes, start)
+                except BaseException:  # noqa: BLE001 - reaches the caller through the handle
+                    pass
+                finally:
+                    hook.remove()
+                    snapshot_done.set()
+
+            stall.seconds = time.perf_counter() - t0
+            threading.Thread(target=snapshot, name="shardckpt-snapshot", daemon=True).start()
+        else:
+            self._snapshot(prep, feed, hashes, start, stall, t0)
+
+    def _snapshot(
+        self,
+        prep: PreparedSave,
+        feed: queue.Queue[object],
+        hashes: dict[str, str],
+        start: object,
+        stall: _Stall | None = None,
+        t0: float = 0.0,
+    ) -> None:
+        try:
+            self.copier.after(start)  # type: ignore[arg-type]
+            for sw in stage(prep, self.staging, self.copier):
+                feed.put(sw)
+            self.copier.sync()
+            hashes.update(replica_hashes(prep, self.writers))
+            if stall is not None:
+                stall.seconds = time.perf_counter() - t0
+            feed.put(_END)
+        except BaseException as e:
+            feed.put(e)  # a second copy from save() is harmless: the reader stops at the first
+            raise
+
+    def _background(
+        self,
+        prep: PreparedSave,
+        feed: queue.Queue[object],
+        hashes: dict[str, str],
+        future: Future[SaveResult],
+        stall: _Stall,
+    ) -> None:
+        t0 = time.perf_counter()
+        ended = False
+
+        def release(sw: StagedWrite) -> None:
+            if sw.pooled:
+                sw.pooled = False
+                self.staging.release(sw.data)
+
+        def items() -> Iterator[StagedWrite]:
+            nonlocal ended
+            while not ended:
+                got = feed.get()
+                if got is _END:
+                    ended = True
+                elif isinstance(got, BaseException):
+                    ended = True
+                    raise CheckpointError(f"snapshot for {prep.path} failed: {got}") from got
+                else:
+                    assert isinstance(got, StagedWrite)
+                    yield got
+
+        try:
+            done = write_and_commit(prep, items(), hashes, self.side, self.writers, release)
+            future.set_result(result_of(prep, done, stall.seconds, time.perf_counter() - t0))
+        except BaseException as e:  # noqa: BLE001 - delivered through the handle
+            # Take (and free) whatever the snapshot still hands over, so it never blocks on the budget.
+            while not ended:
+                got = feed.get()
+                ended = got is _END or isinstance(got, BaseException)
+                if isinstance(got, StagedWrite):
+                    release(got)
+            future.set_exception(e)
+
+    def drain(self) -> None:
+        """Wait for the save in flight; raise its failure if nobody has seen it yet."""
+        last, self.last = self.last, None
+        if last is None:
+            return
+        seen = last.observed
+        try:
+            last.wait()
+        except CheckpointError as e:
+            if not seen:
+                raise CheckpointError(f"the previous async save to {last.path} failed: {e}") from e
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.committer.shutdown(wait=True)
+            self.writers.shutdown(wait=True)
+            self.staging.close()
+
+
+def _stream_marker() -> object:
+    """An event on the caller's current CUDA stream: the snapshot must see all work queued so far."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+_SAVERS: dict[object, AsyncSaver] = {}
+_LOCK = threading.Lock()
+
+
+def async_save(
+    state: dict[str, object],
+    path: str | Path,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    compression: Compression = "zstd",
+    check_replicas: bool = True,
+    metadata: dict[str, object] | None = None,
+    lazy: bool = False,
+    staging_budget_bytes: int | None = None,
+) -> SaveHandle:
+    """Start a save and return once a consistent snapshot exists; collective.
+
+    After it returns the caller may change every tensor in place. Encoding, writing, fsync and the
+    commit run in the background; ``handle.wait()`` returns the ``SaveResult`` or raises. A call
+    while an earlier save is in flight waits for that one first.
+
+    With ``lazy=True`` it returns before the snapshot is taken: the copy runs while forward and
+    backward run, and any ``optimizer.step()`` blocks until the copy is complete. Only use it when
+    nothing but an optimizer step changes the saved tensors in place.
+
+    Snapshots go into host buffers that are kept and reused by later saves. ``staging_budget_bytes``
+    (or ``SHARDCKPT_STAGING_BYTES``) caps them: a larger save streams through the budget, and the
+    call then returns once everything beyond the budget has been written.
+
+    Example::
+
+        handle = shardckpt.async_save({"model": msd, "optim": osd, "step": step}, f"ckpt/{step}")
+        ...  # keep training
+        handle.wait()
+    """
+    comm = Comm.for_group(process_group)
+    key = ("default", id(comm.group)) if comm.group is not None else "local"
+    with _LOCK:
+        saver = _SAVERS.get(key)
+        if saver is None:
+            saver = _SAVERS[key] = AsyncSaver(comm, staging_budget())
+    if staging_budget_bytes is not None:
+        saver.staging.budget = staging_budget_bytes
+    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy)
+
+
+def shutdown(process_group: dist.ProcessGroup | None = None) -> None:
+    """Wait for in-flight async saves and free their threads and staging memory (all groups when
+    ``process_group`` is None). Call before destroying the process group."""
+    with _LOCK:
+        if process_group is None:
+            savers = list(_SAVERS.values())
+            _SAVERS.clear()
+        else:
+            comm = Comm.for_group(process_group)
+            savers = [s for k, s in list(_SAVERS.items()) if k == ("default", id(comm.group)) and _SAVERS.pop(k)]
+    for saver in savers:
+        saver.close()

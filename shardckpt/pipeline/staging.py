@@ -1,0 +1,128 @@
+"""Staging buffers for snapshots: allocated once, reused by later saves, bounded by a budget.
+
+A save's stall is the copy of its tensors into these buffers. Reuse matters twice: allocating and
+first-touching fresh host memory costs as much as the copy itself, and a training job that saves
+every N steps would otherwise grow its RSS with every save. When a save is larger than the budget,
+``acquire`` blocks until the writer threads release buffers, so the save streams through the
+budget instead of failing or doubling host memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import torch
+
+from shardckpt.errors import CheckpointError
+
+Shape = tuple[int, ...]
+
+
+class StagingPool:
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget = budget_bytes
+        self._free: dict[tuple[torch.dtype, Shape, bool], list[torch.Tensor]] = defaultdict(list)
+        self._free_bytes = 0
+        self._used_bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes allocated by the pool, in use or free."""
+        return self._free_bytes + self._used_bytes
+
+    def acquire(self, dtype: torch.dtype, shape: Shape, pin: bool) -> torch.Tensor:
+        nbytes = _nbytes(dtype, shape)
+        key = (dtype, tuple(shape), pin)
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise CheckpointError("staging pool closed while a save was staging")
+                if self._free[key]:
+                    buf = self._free[key].pop()
+                    self._free_bytes -= nbytes
+                    self._used_bytes += nbytes
+                    return buf
+                # A buffer larger than the whole budget is allowed when nothing else is in use,
+                # otherwise one huge tensor could never be saved.
+                if self.budget is None or self._used_bytes == 0 or self._used_bytes + nbytes <= self.budget:
+                    self._evict(max(0, self.held_bytes + nbytes - (self.budget or self.held_bytes + nbytes)))
+                    self._used_bytes += nbytes
+                    break
+                self._cond.wait()
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+    def release(self, buf: torch.Tensor) -> None:
+        nbytes = buf.numel() * buf.element_size()
+        with self._cond:
+            self._used_bytes -= nbytes
+            self._free[(buf.dtype, tuple(buf.shape), buf.is_pinned())].append(buf)
+            self._free_bytes += nbytes
+            self._cond.notify_all()
+
+    def _evict(self, need: int) -> None:
+        """Drop free buffers (of other shapes) until ``need`` bytes are returned to the system."""
+        for key in list(self._free):
+            while need > 0 and self._free[key]:
+                buf = self._free[key].pop()
+                n = buf.numel() * buf.element_size()
+                self._free_bytes -= n
+                need -= n
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._free.clear()
+            self._free_bytes = 0
+            self._cond.notify_all()
+
+
+def _nbytes(dtype: torch.dtype, shape: Shape) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+class DeviceCopier:
+    """Copies device tensors to host buffers on a side CUDA stream, so the device-to-host copies
+    overlap each other and the training stream's queued work; ``sync`` waits for them all."""
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+        self._pending = False
+        self._start: torch.cuda.Event | None = None
+
+    def after(self, event: torch.cuda.Event | None) -> None:
+        """Order the next copies after ``event`` (recorded on the training thread's stream),
+        instead of after this thread's current stream."""
+        self._start = event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event | None:
+        """Copy ``src`` into ``dst``; for a CUDA source, returns the event that marks it done."""
+        if src.device.type != "cuda":
+            dst.copy_(src)
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=src.device)
+        if not self._pending:
+            # The snapshot must see every kernel already queued on the training stream.
+            if self._start is not None:
+                self._stream.wait_event(self._start)
+            else:
+                self._stream.wait_stream(torch.cuda.current_stream(src.device))
+            self._pending = True
+        with torch.cuda.stream(self._stream):
+            dst.copy_(src, non_blocking=dst.is_pinned())
+            # The source may be freed by the caller once the copy is done, not before.
+            src.record_stream(self._stream)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return done
+
+    def sync(self) -> None:
+        if self._stream is not None and self._pending:
+            self._stream.synchronize()
+            self._pending = False

@@ -1,0 +1,172 @@
+"""async_save in one process: snapshot semantics, failures, back-pressure, leaks, lazy mode, budget."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt.storage.local import DataFileWriter
+
+
+@pytest.fixture(autouse=True)
+def _fresh_savers():
+    yield
+    shardckpt.shutdown()
+
+
+def _state(seed: int = 0) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(512, 384, generator=g),
+        "h": torch.randn(1000, generator=g).to(torch.bfloat16),
+        "step": seed,
+    }
+
+
+def _loaded(path) -> dict[str, object]:
+    state = {"w": torch.zeros(512, 384), "h": torch.zeros(1000, dtype=torch.bfloat16), "step": -1}
+    shardckpt.load(state, path)
+    return state
+
+
+def test_in_place_change_after_return_does_not_reach_checkpoint(tmp_path):
+    state = _state()
+    before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    handle = shardckpt.async_save(state, tmp_path / "a")
+    state["w"].mul_(-1).add_(3)  # the optimizer step, right after the call returns
+    state["h"].zero_()
+    result = handle.wait()
+    got = _loaded(tmp_path / "a")
+    assert torch.equal(got["w"], before["w"]) and torch.equal(got["h"], before["h"])
+    assert result.stall_seconds > 0 and result.background_seconds > 0
+    assert result.bytes_raw == 512 * 384 * 4 + 1000 * 2 and 0 < result.bytes_stored <= result.bytes_raw
+    assert handle.done()
+
+
+def test_impossible_path_fails_from_wait_and_next_save(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    handle = shardckpt.async_save(_state(), blocker / "ckpt")
+    with pytest.raises(shardckpt.CheckpointIOError, match="file"):
+        handle.wait()
+    # Seen once through wait(): the next save is not blocked by it.
+    shardckpt.async_save(_state(), tmp_path / "ok").wait()
+    # Not seen: the next save call raises it.
+    shardckpt.async_save(_state(), blocker / "again")
+    with pytest.raises(shardckpt.CheckpointError, match="previous async save"):
+        shardckpt.async_save(_state(), tmp_path / "never")
+    assert not (tmp_path / "never" / "index.json").exists()
+
+
+def test_write_error_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    shardckpt.async_save(_state(1), path, compression=shardckpt.CompressionOptions(block_bytes=64 << 10)).wait()
+    index_before = (path / "index.json").read_bytes()
+    files_before = sorted(os.listdir(path / "data"))
+    real_append = DataFileWriter.append
+    calls = [0]
+
+    def failing_append(self, data):
+        calls[0] += 1
+        if calls[0] == 4:  # the header and two blocks went through
+            raise shardckpt.CheckpointIOError(f"write to {self.path} failed: No space left on device")
+        return real_append(self, data)
+
+    monkeypatch.setattr(DataFileWriter, "append", failing_append)
+    handle = shardckpt.async_save(_state(2), path, compression=shardckpt.CompressionOptions(block_bytes=64 << 10))
+    with pytest.raises(shardckpt.CheckpointIOError, match="No space left"):
+        handle.wait()
+    monkeypatch.undo()
+    assert (path / "index.json").read_bytes() == index_before
+    assert sorted(os.listdir(path / "data")) == files_before  # the torn save left nothing behind
+    shardckpt.verify(path)
+    assert _loaded(path)["step"] == 1
+
+
+def test_back_to_back_saves_never_interleave(tmp_path):
+    states = [_state(i) for i in range(12)]
+    handles = [shardckpt.async_save(s, tmp_path / f"s{i % 3}") for i, s in enumerate(states)]
+    results = [h.wait() for h in handles]
+    assert len({r.save_id for r in results}) == 12
+    for j in range(3):
+        shardckpt.verify(tmp_path / f"s{j}")
+        last = max(i for i in range(12) if i % 3 == j)
+        got = _loaded(tmp_path / f"s{j}")
+        assert got["step"] == last and torch.equal(got["w"], states[last]["w"])
+        assert len(os.listdir(tmp_path / f"s{j}" / "data")) == 1  # stale data of older saves removed
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_no_leaks_across_50_saves(tmp_path):
+    state = {"w": torch.randn(1024, 1024), "b": torch.randn(4096).to(torch.bfloat16), "step": 0}
+    for i in range(10):
+        shardckpt.async_save(state, tmp_path / f"warm{i % 2}").wait()
+    gc.collect()
+    rss0, threads0, fds0 = _rss(), threading.active_count(), len(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        state["step"] = i
+        state["w"].add_(1)
+        shardckpt.async_save(state, tmp_path / f"s{i % 2}")
+    shardckpt.async_save(state, tmp_path / "last").wait()
+    gc.collect()
+    grown = _rss() - rss0
+    assert grown < 24 << 20, f"RSS grew by {grown / 1e6:.1f} MB over 50 saves of a 4 MB state"
+    assert threading.active_count() == threads0
+    assert len(os.listdir("/proc/self/fd")) == fds0
+
+
+def test_lazy_snapshot_blocks_the_optimizer_step(tmp_path):
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    want = model.weight.detach().clone()
+    handle = shardckpt.async_save({"model": model}, tmp_path / "lazy", lazy=True)
+    model(torch.randn(8, 256)).sum().backward()  # forward/backward may overlap the copy
+    opt.step()  # must wait for the snapshot before changing the weights
+    handle.wait()
+    assert not torch.equal(model.weight, want)
+    target = torch.nn.Linear(256, 256)
+    shardckpt.load({"model": target}, tmp_path / "lazy")
+    assert torch.equal(target.weight, want)
+
+
+def test_save_larger_than_budget_streams_through_it(tmp_path):
+    state = {f"t{i}": torch.randn(256, 1024) for i in range(8)}  # 8 x 1 MiB
+    want = {k: v.clone() for k, v in state.items()}
+    budget = 2 << 20
+    handle = shardckpt.async_save(state, tmp_path / "b", staging_budget_bytes=budget)
+    for t in state.values():
+        t.zero_()
+    handle.wait()
+    from shardckpt.async_save import _SAVERS
+
+    (saver,) = _SAVERS.values()
+    assert saver.staging.held_bytes <= budget
+    got = {f"t{i}": torch.empty(256, 1024) for i in range(8)}
+    shardckpt.load(got, tmp_path / "b")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_snapshot_uses_pinned_staging_and_side_stream(tmp_path):
+    state = {"w": torch.randn(2048, 2048, device="cuda"), "step": 1}
+    want = state["w"].cpu()
+    handle = shardckpt.async_save(state, tmp_path / "gpu")
+    state["w"].mul_(2)  # queued on the training stream right after the call
+    handle.wait()
+    from shardckpt.async_save import _SAVERS
+
+    (saver,) = _SAVERS.values()
+    assert all(buf.is_pinned() for bufs in saver.staging._free.values() for buf in bufs)
+    got = {"w": torch.empty(2048, 2048, device="cuda"), "step": 0}
+    shardckpt.load(got, tmp_path / "gpu")
+    assert torch.equal(got["w"].cpu(), want)
