@@ -19,13 +19,16 @@ from shardckpt.errors import (
     StateMismatchError,
 )
 from shardckpt.flatten import PerRank
+from shardckpt.manager import CheckpointManager
 from shardckpt.options import CompressionOptions
 from shardckpt.saving import SaveResult
+from shardckpt.training import ModelOptimizerState, ResumableSampler, RNGState, seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointIOError",
     "CheckpointNotFoundError",
     "CompressionOptions",
@@ -33,9 +36,12 @@ __all__ = [
     "IncompleteCheckpointError",
     "IndexFormatError",
     "MissingKeysError",
+    "ModelOptimizerState",
     "PerRank",
+    "RNGState",
     "RankFailedError",
     "ReplicaMismatchError",
+    "ResumableSampler",
     "SaveHandle",
     "SaveResult",
     "StateMismatchError",
@@ -44,6 +50,7 @@ __all__ = [
     "load",
     "read_index",
     "save",
+    "seed_everything",
     "shutdown",
     "verify",
 ]

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -54,6 +54,10 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def add_done_callback(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn(committed)`` on the background thread once the save ends (at once if it has)."""
+        self._future.add_done_callback(lambda f: fn(f.exception() is None))
 
     def wait(self, timeout: float | None = None) -> SaveResult:
         """Block until the save is committed; re-raises any failure as a ``CheckpointError``."""

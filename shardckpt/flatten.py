@@ -24,13 +24,17 @@ class PerRank:
     equal on every rank; save raises ``ReplicaMismatchError`` otherwise, never keeps one silently.
     """
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "optional", "restored")
 
-    def __init__(self, value: object) -> None:
+    def __init__(self, value: object, *, optional: bool = False, restored: bool | None = None) -> None:
         self.value = value
+        # optional: a rank with no saved value (the world grew) keeps ``value`` instead of raising.
+        self.optional = optional
+        # Set by load: whether this rank's value came from the checkpoint.
+        self.restored = restored
 
     def __repr__(self) -> str:
-        return f"PerRank({self.value!r})"
+        return f"PerRank({self.value!r}{', optional=True' if self.optional else ''})"
 
 
 @dataclass

@@ -41,19 +41,21 @@ class LoadWalk:
         for part, child in list(state.items()):
             state[part] = self.fill(child, (check_part(part, ()),), False)
 
-    def fill(self, node: object, path: tuple[PathPart, ...], per_rank: bool) -> object:
+    def fill(self, node: object, path: tuple[PathPart, ...], per_rank: bool, optional: bool = False) -> object:
         key = join_key(path)
         ident = (key, self.rank if per_rank else None)
         if isinstance(node, PerRank):
-            return PerRank(self.fill(node.value, path, True))
+            before = len(self.consumed)
+            value = self.fill(node.value, path, True, node.optional)
+            return PerRank(value, optional=node.optional, restored=len(self.consumed) > before)
         if isinstance(node, torch.Tensor):
-            self._fill_tensor(node, key, ident)
+            self._fill_tensor(node, key, ident, optional)
             return node
         if is_stateful(node):
             template = node.state_dict()  # type: ignore[attr-defined]
             if not isinstance(template, dict):
                 raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
-            filled = self.fill(template, path, per_rank)
+            filled = self.fill(template, path, per_rank, optional)
             assert isinstance(filled, dict)
             self._materialize(filled, path, per_rank)
             self.statefuls.append((node, filled))
@@ -64,22 +66,23 @@ class LoadWalk:
             return decode_value(value.value, f"{self.where}: value {key!r}")
         if isinstance(node, dict):
             for part, child in list(node.items()):
-                node[part] = self.fill(child, path + (check_part(part, path),), per_rank)
+                node[part] = self.fill(child, path + (check_part(part, path),), per_rank, optional)
             return node
         if isinstance(node, list | tuple):
-            items = [self.fill(child, path + (i,), per_rank) for i, child in enumerate(node)]
+            items = [self.fill(child, path + (i,), per_rank, optional) for i, child in enumerate(node)]
             if isinstance(node, list):
                 node[:] = items
                 return node
             return tuple(items)
-        if tuple(str(p) for p in path) not in self.prefixes:
+        if tuple(str(p) for p in path) not in self.prefixes and not optional:
             self.missing.append(key)
         return node
 
-    def _fill_tensor(self, tensor: torch.Tensor, key: str, ident: tuple[str, int | None]) -> None:
+    def _fill_tensor(self, tensor: torch.Tensor, key: str, ident: tuple[str, int | None], optional: bool) -> None:
         entry = self.tensors.get(ident)
         if entry is None:
-            self.missing.append(key if ident[1] is None else f"{key} (rank {ident[1]})")
+            if not optional:
+                self.missing.append(key if ident[1] is None else f"{key} (rank {ident[1]})")
             return
         self.consumed.add(ident)
         if ident[1] is not None:
