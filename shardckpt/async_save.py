@@ -101,17 +101,30 @@ class AsyncSaver:
         hashes: dict[str, str] = {}
         future: Future[SaveResult] = Future()
         stall = _Stall()
-        self.committer.submit(self._background, prep, feed, hashes, future, stall)
+        # Encoding waits until the snapshot is taken: on a busy host, encoder threads would
+        # otherwise steal CPU from the copy that the training loop is waiting for. Only when the
+        # staging budget runs out must they start early, to hand buffers back.
+        go = threading.Event()
+        self.staging.on_block = go.set
+        self.committer.submit(self._background, prep, feed, hashes, future, stall, go)
         try:
-            self._start_snapshot(prep, feed, hashes, stall, t0, lazy)
+            self._start_snapshot(prep, feed, hashes, stall, t0, lazy, go)
         except BaseException as e:
             feed.put(e)  # the background job must not wait for a snapshot that never comes
+            go.set()
             raise
         self.last = SaveHandle(str(path), future, stall)
         return self.last
 
     def _start_snapshot(
-        self, prep: PreparedSave, feed: queue.Queue[object], hashes: dict[str, str], stall: _Stall, t0: float, lazy: bool
+        self,
+        prep: PreparedSave,
+        feed: queue.Queue[object],
+        hashes: dict[str, str],
+        stall: _Stall,
+        t0: float,
+        lazy: bool,
+        go: threading.Event,
     ) -> None:
         start = _stream_marker()
         if lazy:
@@ -126,6 +139,8 @@ class AsyncSaver:
 
             hook = register_optimizer_step_pre_hook(before_step)
 
+            go.set()  # lazy: the copy overlaps training anyway; let writing overlap the copy
+
             def snapshot() -> None:
                 try:
                     self._snapshot(prep, feed, hashes, start)
@@ -138,7 +153,10 @@ class AsyncSaver:
             stall.seconds = time.perf_counter() - t0
             threading.Thread(target=snapshot, name="shardckpt-snapshot", daemon=True).start()
         else:
-            self._snapshot(prep, feed, hashes, start, stall, t0)
+            try:
+                self._snapshot(prep, feed, hashes, start, stall, t0)
+            finally:
+                go.set()
 
     def _snapshot(
         self,
@@ -169,7 +187,9 @@ class AsyncSaver:
         hashes: dict[str, str],
         future: Future[SaveResult],
         stall: _Stall,
+        go: threading.Event,
     ) -> None:
+        go.wait()
         t0 = time.perf_counter()
         ended = False
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -22,6 +23,8 @@ Shape = tuple[int, ...]
 class StagingPool:
     def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget = budget_bytes
+        # Called (with the lock held) when acquire is about to wait for buffers to come back.
+        self.on_block: Callable[[], None] | None = None
         self._free: dict[tuple[torch.dtype, Shape, bool], list[torch.Tensor]] = defaultdict(list)
         self._free_bytes = 0
         self._used_bytes = 0
@@ -51,6 +54,8 @@ class StagingPool:
                     self._evict(max(0, self.held_bytes + nbytes - (self.budget or self.held_bytes + nbytes)))
                     self._used_bytes += nbytes
                     break
+                if self.on_block is not None:
+                    self.on_block()
                 self._cond.wait()
         return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
