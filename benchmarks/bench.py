@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -25,11 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import systems  # noqa: E402
-from report import write_reports  # noqa: E402
+import systems
+import torch
+import torch.distributed as dist
+from report import write_reports
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLS = 2048
@@ -96,14 +94,18 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: 
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     buffers = {k: torch.empty_like(systems.local_of(v)) for k, v in state.items()}
     runs: dict[str, dict[str, list[float]]] = {}
+    warming = False
 
     def record(name: str, timed: dict[str, float]) -> None:
+        if warming:
+            return  # the first round pays first-touch page faults and thread start-up for every system
         for metric, value in timed.items():
             runs.setdefault(name, {}).setdefault(metric, []).append(value)
 
     if args.phase == "save":
         raw_bytes = sum(systems.local_of(v).numel() * v.element_size() for v in state.values())
-        for rep in range(args.repeats):
+        for rep in range(args.warmup + args.repeats):
+            warming = rep < args.warmup
             record("floor: copy to warm memory", _measure(systems.floor_copy, state, buffers))
             floor_dir = work / "floor"
             record("floor: raw write + fsync", _measure(systems.floor_write, state, floor_dir, rank))
@@ -119,7 +121,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: 
                 record(name, _measure(save, state, path))
                 systems.fsync_tree(path)
                 dist.barrier()
-                if rank == 0:
+                if rank == 0 and not warming:
                     runs[name].setdefault("disk_mb", []).append(systems.disk_bytes(path) / 1e6)
                 if name in systems.LOADERS:
                     systems.evict(path)
@@ -133,7 +135,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: 
         if rank == 0:
             results.put({"runs": runs, "raw_bytes_per_rank": raw_bytes})
     else:  # re-sharded load of the checkpoints the save phase left behind
-        for _ in range(args.repeats):
+        for rep in range(args.warmup + args.repeats):
+            warming = rep < args.warmup
             for name in systems.RESHARDABLE:
                 path = work / name.replace(" ", "_").replace(".", "")
                 systems.evict(path)
@@ -169,7 +172,7 @@ def run_phase(world: int, args: argparse.Namespace) -> dict:
                 if dead:
                     for p in procs:
                         p.kill()
-                    raise SystemExit(f"benchmark worker failed (exit codes {dead}); see its traceback above")
+                    raise SystemExit(f"benchmark worker failed (exit codes {dead}); see its traceback above") from None
         for p in procs:
             p.join()
     return out
@@ -192,7 +195,8 @@ def main() -> None:
     ap.add_argument("--reshard-to", type=int, default=3)
     ap.add_argument("--mb-per-rank", type=int, default=256)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--work", default=None, help="checkpoint directory (default: a temp dir on the same disk)")
     args = ap.parse_args()
@@ -223,7 +227,7 @@ def main() -> None:
         "real_weights": real_weights(),
         "seconds": time.time() - t0,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    (out / "results.json").write_text(json.dumps(report, indent=1))
     write_reports(report, out)
     print((out / "results.md").read_text())
 

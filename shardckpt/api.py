@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,12 @@ import torch.distributed as dist
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, CorruptCheckpointError, MissingKeysError
-from shardckpt.format.schema import DATA_DIR, CheckpointIndex
+from shardckpt.format.schema import DATA_DIR, CheckpointIndex, TensorEntry
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
 from shardckpt.pipeline.reader import check_files, execute_reads, read_block
 from shardckpt.planning.boxes import Box
-from shardckpt.planning.load_plan import plan_reads
+from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
 from shardckpt.storage import LocalStorage
 
@@ -34,7 +35,7 @@ def save(
     process_group: dist.ProcessGroup | None = None,
     compression: Compression = "zstd",
     check_replicas: bool = True,
-    metadata: dict[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> SaveResult:
     """Save ``state`` to the directory ``path``; collective over the process group.
 
@@ -84,7 +85,7 @@ def load(
     where = str(path)
     try:
         index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
-        if len(set(ids)) > 1:  # type: ignore[arg-type]
+        if len(set(ids)) > 1:
             raise CorruptCheckpointError(
                 f"{where}: ranks read different indexes ({sorted(set(map(str, ids)))}); was the checkpoint "
                 "replaced during the load, or is the directory not shared?"
@@ -150,7 +151,7 @@ def verify(path: PathLike) -> VerifyReport:
                 f"{where}: data files not referenced by the index: {extra} (left by an interrupted save; the "
                 "checkpoint loads, and the next save or cleanup removes them)"
             )
-        jobs = []
+        jobs: list[tuple[TensorEntry, BlockRead]] = []
         for entry in index.tensors:
             jobs.extend((entry, r) for r in plan_reads(entry, Box.full(entry.shape), where))
         with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-verify") as pool:

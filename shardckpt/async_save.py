@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -91,7 +91,7 @@ class AsyncSaver:
         path: Path,
         compression: Compression,
         check_replicas: bool,
-        metadata: dict[str, object] | None,
+        metadata: Mapping[str, object] | None,
         lazy: bool,
     ) -> SaveHandle:
         t0 = time.perf_counter()
@@ -264,7 +264,7 @@ def async_save(
     process_group: dist.ProcessGroup | None = None,
     compression: Compression = "zstd",
     check_replicas: bool = True,
-    metadata: dict[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
     lazy: bool = False,
     staging_budget_bytes: int | None = None,
 ) -> SaveHandle:

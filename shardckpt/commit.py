@@ -4,10 +4,19 @@ replicas, and publish it atomically. Nothing here runs before every rank's data 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from shardckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, ReplicaMismatchError
 from shardckpt.format.index_json import decode_index, encode_index
-from shardckpt.format.schema import DATA_DIR, INDEX_NAME, BlockEntry, CheckpointIndex, FileEntry, TensorEntry, ValueEntry
+from shardckpt.format.schema import (
+    DATA_DIR,
+    INDEX_NAME,
+    BlockEntry,
+    CheckpointIndex,
+    FileEntry,
+    TensorEntry,
+    ValueEntry,
+)
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
 from shardckpt.planning.save_plan import SavePlan
@@ -34,7 +43,9 @@ def check_replicas(results: list[RankResult]) -> None:
                 )
 
 
-def build_index(save_id: str, plan: SavePlan, results: list[RankResult], metadata: dict[str, object]) -> CheckpointIndex:
+def build_index(
+    save_id: str, plan: SavePlan, results: list[RankResult], metadata: Mapping[str, object]
+) -> CheckpointIndex:
     files = tuple(
         FileEntry(str(res["file"]), rank, int(res["size"]))  # type: ignore[call-overload]
         for rank, res in enumerate(results)
@@ -55,7 +66,7 @@ def build_index(save_id: str, plan: SavePlan, results: list[RankResult], metadat
         plan_reads(entry, Box.full(spec.shape), "save")
         tensors.append(entry)
     values = tuple(ValueEntry(v.key, v.path, v.value, v.entry_rank) for v in plan.values)
-    return CheckpointIndex(save_id, len(results), files, tuple(tensors), values, metadata=metadata)
+    return CheckpointIndex(save_id, len(results), files, tuple(tensors), values, metadata=dict(metadata))
 
 
 def commit_index(storage: LocalStorage, index: CheckpointIndex) -> None:

@@ -24,7 +24,7 @@ class PerRank:
     equal on every rank; save raises ``ReplicaMismatchError`` otherwise, never keeps one silently.
     """
 
-    __slots__ = ("value", "optional", "restored")
+    __slots__ = ("optional", "restored", "value")
 
     def __init__(self, value: object, *, optional: bool = False, restored: bool | None = None) -> None:
         self.value = value

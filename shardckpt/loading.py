@@ -31,7 +31,8 @@ class LoadWalk:
         self.tensors: dict[tuple[str, int | None], TensorEntry] = {(t.key, t.rank): t for t in self.index.tensors}
         self.values: dict[tuple[str, int | None], ValueEntry] = {(v.key, v.rank): v for v in self.index.values}
         self.prefixes: set[tuple[PathPart, ...]] = set()
-        for entry in (*self.index.tensors, *self.index.values):
+        entries: tuple[TensorEntry | ValueEntry, ...] = (*self.index.tensors, *self.index.values)
+        for entry in entries:
             for i in range(1, len(entry.path)):
                 self.prefixes.add(tuple(str(p) for p in entry.path[:i]))
 
@@ -103,7 +104,8 @@ class LoadWalk:
         optimizer has no state yet) are created from the checkpoint, as full local tensors."""
         want_rank = self.rank if per_rank else None
         n = len(prefix)
-        for entry in (*self.index.tensors, *self.index.values):
+        entries: tuple[TensorEntry | ValueEntry, ...] = (*self.index.tensors, *self.index.values)
+        for entry in entries:
             ident = (entry.key, entry.rank)
             if entry.rank != want_rank or ident in self.consumed or len(entry.path) <= n:
                 continue
@@ -129,11 +131,11 @@ def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object,
         last = i == len(parts) - 1
         if isinstance(node, dict):
             if last:
-                node[part] = value  # type: ignore[index]
+                node[part] = value
             else:
                 # Missing containers are created as dicts: int keys (optimizer state) are far more
                 # common than lists that a state_dict leaves out.
-                node = node.setdefault(part, {})  # type: ignore[call-overload]
+                node = node.setdefault(part, {})
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part <= len(node):
             if part == len(node):
                 node.append(value if last else {})

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import xxhash
 
-from shardckpt.commit import build_index, check_replicas, commit_index, remove_stale_files
+from shardckpt.commit import RankResult, build_index, check_replicas, commit_index, remove_stale_files
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError
 from shardckpt.flatten import TensorItem, flatten_state
@@ -23,8 +24,11 @@ from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
-from shardckpt.planning.save_plan import SavePlan, WriteItem, plan_save
+from shardckpt.planning.save_plan import RankMeta, SavePlan, WriteItem, plan_save
 from shardckpt.storage import LocalStorage
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class PreparedSave:
     plan: SavePlan
     items: dict[str, TensorItem]
     check_replicas: bool
-    metadata: dict[str, object]
+    metadata: Mapping[str, object]
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -73,7 +77,7 @@ def prepare_save(
     comm: Comm,
     options: CompressionOptions,
     check_replicas: bool,
-    metadata: dict[str, object] | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> PreparedSave:
     """Flatten the state on every rank, gather the metadata, and plan who writes what."""
     started = time.perf_counter()
@@ -87,9 +91,10 @@ def prepare_save(
         }
         return tensors, meta
 
-    tensors, metas = comm.run(f"save to {path}: collecting the state", local)
-    save_id = str(metas[0]["save_id"])  # type: ignore[index]
-    plan, _ = comm.run(f"save to {path}: planning", lambda: (plan_save(metas, options.block_bytes), None))  # type: ignore[arg-type]
+    tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
+    metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
+    save_id = str(metas[0]["save_id"])
+    plan, _ = comm.run(f"save to {path}: planning", lambda: (plan_save(metas, options.block_bytes), None))
     items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
     return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, metadata or {}, started)
 
@@ -133,7 +138,8 @@ def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, st
     def digest(key: str) -> str:
         t = prep.items[key].local.detach()
         t = t.cpu() if t.device.type != "cpu" else t
-        return xxhash.xxh3_64_hexdigest(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        # cast: numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12 (see codec/blocks.py).
+        return xxhash.xxh3_64_hexdigest(cast("Buffer", t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     return dict(zip(wanted, pool.map(digest, wanted)))
 
@@ -182,19 +188,20 @@ def write_and_commit(
 
     committed = False
 
-    def commit(results: list[object]) -> tuple[None, object]:
+    def commit(results: list[RankResult]) -> tuple[None, object]:
         nonlocal committed
         if not comm.is_coordinator:
             return None, None
-        check_replicas(results)  # type: ignore[arg-type]
-        index = build_index(prep.save_id, prep.plan, results, prep.metadata)  # type: ignore[arg-type]
+        check_replicas(results)
+        index = build_index(prep.save_id, prep.plan, results, prep.metadata)
         commit_index(storage, index)
         committed = True
         remove_stale_files(storage, index)
         return None, [index.bytes_raw(), index.bytes_stored()]
 
     try:
-        _, results = comm.run(f"save to {prep.path}: writing data", write)
+        _, gathered = comm.run(f"save to {prep.path}: writing data", write)
+        results = cast("list[RankResult]", gathered)  # every rank's write() payload
         _, totals = comm.run(f"save to {prep.path}: committing the index", lambda: commit(results))
     except CheckpointError:
         # Every rank raises together and no index names this save: leave no orphaned data. (Not on
@@ -203,8 +210,10 @@ def write_and_commit(
             storage.delete(data_file_name(prep.save_id, comm.rank))
         raise
 
-    raw, stored = totals[0]  # type: ignore[misc]
-    mine = results[comm.rank]["blocks"]  # type: ignore[index]
+    # The coordinator's commit() payload, [bytes_raw, bytes_stored]; this rank's block records
+    # (write_blocks), of which only the int columns 5 (stored length) and 6 (raw length) are read.
+    raw, stored = cast("list[int]", totals[0])
+    mine = cast("list[list[int]]", results[comm.rank]["blocks"])
     return Committed(raw, stored, sum(b[6] for b in mine), sum(b[5] for b in mine))
 
 

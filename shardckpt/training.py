@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sized
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import nn
 
 from shardckpt.errors import StateMismatchError
 from shardckpt.flatten import PerRank
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import DictValueType, OptimizerStateType
 
 
 class RNGState:
@@ -93,12 +97,16 @@ class ModelOptimizerState:
     def load_state_dict(self, state_dict: dict[str, object]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+        # The casts name what state_dict() above stored under each key (torch's own state-dict types).
         if self.optimizer is None:
-            set_model_state_dict(self.model, state_dict["model"])  # type: ignore[arg-type]
+            set_model_state_dict(self.model, cast("DictValueType", state_dict["model"]))
         else:
             set_state_dict(
-                self.model, self.optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"]
-            )  # type: ignore[arg-type]
+                self.model,
+                self.optimizer,
+                model_state_dict=cast("DictValueType", state_dict["model"]),
+                optim_state_dict=cast("OptimizerStateType", state_dict["optim"]),
+            )
 
 
 class ResumableSampler(torch.utils.data.Sampler[int]):

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import zstandard
 
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.schema import CODECS
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["CODECS", "decode_block", "encode_block"]
 
@@ -25,6 +29,13 @@ _SAMPLE = 16 << 10
 _GAIN = 0.94  # keep a compressed plane only if it is at most this fraction of raw
 
 _local = threading.local()
+
+# Typing notes. numpy arrays support the buffer protocol, but numpy's stubs declare ``__buffer__``
+# only for Python >= 3.12, so under python_version 3.11 mypy does not see an ndarray as a Buffer:
+# hence ``cast("Buffer", ...)`` (no copy; the array itself is passed on). zstandard's stub types
+# ``compress`` as taking ``bytes | bytearray | memoryview`` only, while the C extension accepts any
+# object with the buffer protocol: hence the narrow ``type: ignore[arg-type]`` where an array is
+# compressed.
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -68,14 +79,14 @@ def encode_block(raw: np.ndarray, dtype: str, itemsize: int, codec: str, level: 
     """Encode a contiguous uint8 array. ``codec`` is the requested family ("zstd" or "none");
     the returned name is what was actually used for this block."""
     if codec == "none" or raw.nbytes == 0:
-        return "raw", memoryview(raw)
+        return "raw", memoryview(cast("Buffer", raw))
     if dtype in PLANE_DTYPES and itemsize > 1 and raw.nbytes >= itemsize * 64:
         return _encode_planes(raw, itemsize, level)
     if not _worth_compressing(raw, level):
-        return "raw", memoryview(raw)
-    packed = _compressor(level).compress(raw)
+        return "raw", memoryview(cast("Buffer", raw))
+    packed = _compressor(level).compress(raw)  # type: ignore[arg-type]  # stub too narrow, see top
     if len(packed) >= raw.nbytes:
-        return "raw", memoryview(raw)
+        return "raw", memoryview(cast("Buffer", raw))
     return "zstd", packed
 
 
@@ -85,7 +96,11 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int) -> tuple[str, byt
     parts: list[bytes] = []
     for i in range(itemsize):
         plane = np.ascontiguousarray(planes[i])
-        packed = _compressor(level).compress(plane) if _worth_compressing(plane, level) else None
+        packed = (
+            _compressor(level).compress(plane)  # type: ignore[arg-type]  # stub too narrow, see top
+            if _worth_compressing(plane, level)
+            else None
+        )
         if packed is not None and len(packed) < _GAIN * plane.nbytes:
             flags.append(1)
             parts.append(packed)
@@ -94,7 +109,7 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int) -> tuple[str, byt
             parts.append(plane.tobytes())
     header = struct.pack(f"<B{itemsize}B{itemsize}Q", itemsize, *flags, *(len(p) for p in parts))
     if not any(flags) or len(header) + sum(len(p) for p in parts) >= raw.nbytes:
-        return "raw", memoryview(raw)
+        return "raw", memoryview(cast("Buffer", raw))
     return "planes", b"".join([header, *parts])
 
 

@@ -10,7 +10,9 @@ least-loaded holder, which keeps the per-rank bytes within one band of each othe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from shardckpt.errors import ReplicaMismatchError, StateMismatchError
 from shardckpt.format.schema import DTYPES, PathPart
@@ -50,7 +52,19 @@ class SavePlan:
     writes: dict[int, list[WriteItem]] = field(default_factory=dict)
 
 
-RankMeta = dict[str, list[list[object]]]
+RankMeta = Mapping[str, object]
+# One row of ``meta["tensors"]`` (``TensorItem.meta()``) and of ``meta["values"]``, as they arrive after
+# the JSON gather (lists, not tuples; indexing and unpacking work the same).
+TensorRow = tuple[str, list[PathPart], str, list[int], list[int], list[int], bool, bool]
+ValueRow = tuple[str, list[PathPart], object, bool]
+
+
+def _tensor_rows(meta: RankMeta) -> list[TensorRow]:
+    return cast("list[TensorRow]", meta["tensors"])
+
+
+def _value_rows(meta: RankMeta) -> list[ValueRow]:
+    return cast("list[ValueRow]", meta["values"])
 
 
 def plan_save(metas: list[RankMeta], block_bytes: int) -> SavePlan:
@@ -58,7 +72,7 @@ def plan_save(metas: list[RankMeta], block_bytes: int) -> SavePlan:
     specs: dict[tuple[str, int | None], TensorSpec] = {}
     boxes: dict[tuple[str, int | None], dict[Box, list[int]]] = {}
     for rank, meta in enumerate(metas):
-        for key, path, dtype, shape, offsets, sizes, per_rank, plain in meta["tensors"]:
+        for key, path, dtype, shape, offsets, sizes, per_rank, plain in _tensor_rows(meta):
             ident = (key, rank if per_rank else None)
             spec = TensorSpec(key, tuple(path), dtype, tuple(shape), ident[1], bool(plain))
             known = specs.setdefault(ident, spec)
@@ -98,7 +112,7 @@ def _check_kinds(specs: dict[tuple[str, int | None], TensorSpec], metas: list[Ra
     for key in sorted(per_rank & global_):
         raise StateMismatchError(f"tensor {key!r} is wrapped in PerRank on some ranks but not on others")
     for rank, meta in enumerate(metas):
-        for key, *_ in meta["values"]:
+        for key, *_ in _value_rows(meta):
             if key in tensor_keys:
                 raise StateMismatchError(f"key {key!r} is a tensor on some ranks but a value on rank {rank}")
 
@@ -137,7 +151,7 @@ def _plan_values(metas: list[RankMeta]) -> list[ValueSpec]:
     out: dict[tuple[str, int | None], ValueSpec] = {}
     first_rank: dict[str, int] = {}
     for rank, meta in enumerate(metas):
-        for key, path, value, per_rank in meta["values"]:
+        for key, path, value, per_rank in _value_rows(meta):
             if per_rank:
                 out[(key, rank)] = ValueSpec(key, tuple(path), value, rank)
                 continue
@@ -151,8 +165,8 @@ def _plan_values(metas: list[RankMeta]) -> list[ValueSpec]:
                     f"({value!r}); wrap it in shardckpt.PerRank to keep each rank's value"
                 )
     kinds: dict[str, set[bool]] = {}
-    for key, rank in out:
-        kinds.setdefault(key, set()).add(rank is None)
+    for key, entry_rank in out:
+        kinds.setdefault(key, set()).add(entry_rank is None)
     for key, kind in kinds.items():
         if len(kind) > 1:
             raise StateMismatchError(f"value {key!r} is wrapped in PerRank on some ranks but not on others")

@@ -409,7 +409,7 @@ def test_failed_commit(ckpt, monkeypatch):
 
 
 def test_failed_data_write(ckpt, monkeypatch):
-    import shardckpt.pipeline.writer as writer
+    from shardckpt.pipeline import writer
 
     real = writer.encode_block
     calls = []
