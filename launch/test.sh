@@ -3,7 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-python3 -m pip install -q --disable-pip-version-check "mypy>=1.10" "ruff>=0.5" 2>&1 | grep -v "^WARNING: Running pip as" || true
 # Static checks first: they take seconds and catch what tests might not reach.
 python3 -m ruff check shardckpt tests benchmarks launch
 python3 -m mypy shardckpt

@@ -46,23 +46,41 @@ def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int
             )
 
 
-def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
-    """One verified, decoded block as a tensor of its box's shape."""
+def _fetch(
+    storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str,
+    into: np.ndarray | None = None,
+) -> bytes | np.ndarray:
+    """A block's stored bytes, checksum verified before anything decodes them. A raw block whose
+    destination is known is read straight into it (``into``)."""
     b = read.block
     name = index.files[b.file].name
-    payload = storage.read_range(name, b.offset, b.length)
-    if checksum(payload) != b.checksum:
+    payload: bytes | np.ndarray
+    if into is not None and b.codec == "raw":
+        storage.read_into(name, b.offset, memoryview(into))  # type: ignore[arg-type]
+        payload = into
+    else:
+        payload = storage.read_range(name, b.offset, b.length)
+    if checksum(payload) != b.checksum:  # type: ignore[arg-type]
         raise CorruptCheckpointError(
             f"{where}: checksum mismatch in {name} (rank {index.files[b.file].rank}) at offset {b.offset} for "
             f"tensor {entry.key!r} block {list(b.offsets)}+{list(b.sizes)}"
         )
-    out = np.empty(b.raw_length, dtype=np.uint8)
-    dtype = entry.torch_dtype
+    return payload
+
+
+def _decode(entry: TensorEntry, read: BlockRead, payload: bytes | np.ndarray, out: np.ndarray, where: str) -> None:
     try:
-        decode_block(b.codec, payload, out, dtype.itemsize)
+        decode_block(read.block.codec, payload, out, entry.torch_dtype.itemsize)  # type: ignore[arg-type]
     except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{where}: tensor {entry.key!r} block at {name}:{b.offset}: {e}") from e
-    return torch.from_numpy(out).view(dtype).reshape(b.sizes)
+        raise CorruptCheckpointError(f"{where}: tensor {entry.key!r} block at offset {read.block.offset}: {e}") from e
+
+
+def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
+    """One verified, decoded block as a tensor of its box's shape."""
+    payload = _fetch(storage, index, entry, read, where)
+    out = np.empty(read.block.raw_length, dtype=np.uint8)
+    _decode(entry, read, payload, out, where)
+    return torch.from_numpy(out).view(entry.torch_dtype).reshape(read.block.sizes)
 
 
 def execute_reads(
@@ -81,7 +99,24 @@ def execute_reads(
             raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
 
 
+def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:
+    """The target's bytes for this block, when the whole block lands in one contiguous CPU region:
+    then the block is read or decoded straight into the target, with no staging copy."""
+    if read.overlap != read.box or req.target.device.type != "cpu":
+        return None
+    region = req.target[read.box.slices_within(req.needed)] if read.box.sizes else req.target
+    if not region.is_contiguous():
+        return None
+    return region.reshape(-1).view(torch.uint8).numpy()
+
+
 def _read_into(storage: LocalStorage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
+    dest = _direct_destination(req, read)
+    if dest is not None:
+        payload = _fetch(storage, index, req.entry, read, where, into=dest)
+        if payload is not dest:
+            _decode(req.entry, read, payload, dest, where)
+        return
     block = read_block(storage, index, req.entry, read, where)
     src = block[read.overlap.slices_within(read.box)] if read.box.sizes else block
     if read.overlap.sizes:

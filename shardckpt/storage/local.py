@@ -18,6 +18,8 @@ class Storage(Protocol):
 
     def read_range(self, name: str, offset: int, length: int) -> bytes: ...
 
+    def read_into(self, name: str, offset: int, buf: memoryview) -> None: ...
+
     def size(self, name: str) -> int: ...
 
     def list(self, subdir: str) -> list[str]: ...
@@ -119,6 +121,21 @@ class LocalStorage:
                 f"got {len(data)}"
             )
         return data
+
+    def read_into(self, name: str, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``name`` at ``offset`` with no intermediate copy (preadv)."""
+        fd = self._fd(name)
+        done, n = 0, len(buf)
+        try:
+            while done < n:
+                got = os.preadv(fd, [buf[done:]], offset + done)
+                if got == 0:
+                    raise IncompleteCheckpointError(
+                        f"data file {self.root / name} is truncated: wanted bytes [{offset}, {offset + n}), got {done}"
+                    )
+                done += got
+        except OSError as e:
+            raise CheckpointIOError(f"read of {self.root / name} failed: {e.strerror}") from e
 
     def size(self, name: str) -> int:
         try:
