@@ -108,11 +108,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: 
             warming = rep < args.warmup
             record("floor: copy to warm memory", _measure(systems.floor_copy, state, buffers))
             floor_dir = work / "floor"
-            record("floor: raw write + fsync", _measure(systems.floor_write, state, floor_dir, rank))
+            record("floor: raw disk (write+fsync, cold read)", _measure(systems.floor_write, state, floor_dir, rank))
             systems.evict(floor_dir)
             dist.barrier()
             read = _measure(systems.floor_read, state, buffers, floor_dir, rank)
-            record("floor: raw write + fsync", {"load": read["load"]})
+            record("floor: raw disk (write+fsync, cold read)", {"load": read["load"]})
             for name, save in systems.SAVERS.items():
                 path = work / name.replace(" ", "_").replace(".", "")
                 if rank == 0 and path.exists():

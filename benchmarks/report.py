@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 COPY = "floor: copy to warm memory"
-RAW = "floor: raw write + fsync"
+RAW = "floor: raw disk (write+fsync, cold read)"
 DCP_SAVE, DCP_ASYNC = "dcp save", "dcp async_save"
 
 

@@ -1,0 +1,145 @@
+"""The ``shardckpt`` command: look at, check and rewrite checkpoints, over the public API only.
+
+    shardckpt ls ROOT                 committed steps under a CheckpointManager root
+    shardckpt inspect PATH            tensors, values, files, sizes and codecs of one checkpoint
+    shardckpt verify PATH [PATH ...]  re-read every block against its checksum (exit 1 on failure)
+    shardckpt convert SRC DST [--compression zstd|none]   rewrite (gathered) in one process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from shardckpt.api import load, read_index, save, verify
+from shardckpt.errors import CheckpointError
+from shardckpt.format.values import decode_value
+from shardckpt.manager import CheckpointManager
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    manager = CheckpointManager(args.root) if Path(args.root).is_dir() else None
+    steps = manager.steps() if manager else []
+    if not steps:
+        print(f"{args.root}: no committed checkpoints")
+        return 0
+    for step in steps:
+        index = read_index(manager.path_for(step))  # type: ignore[union-attr]
+        print(f"step {step:>10}  {index.world_size:>4} ranks  {len(index.tensors):>6} tensors  "
+              f"{_mb(index.bytes_stored()):>12} stored  ({_mb(index.bytes_raw())} raw)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    index = read_index(args.path)
+    codecs = Counter(b.codec for t in index.tensors for b in t.blocks)
+    summary = {
+        "path": args.path,
+        "format_version": index.version,
+        "save_id": index.save_id,
+        "world_size": index.world_size,
+        "files": [{"name": f.name, "rank": f.rank, "bytes": f.size} for f in index.files],
+        "bytes_raw": index.bytes_raw(),
+        "bytes_stored": index.bytes_stored(),
+        "blocks_by_codec": dict(codecs),
+        "metadata": index.metadata,
+    }
+    if args.json:
+        summary["tensors"] = [{"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "rank": t.rank,
+                               "blocks": len(t.blocks)} for t in index.tensors]
+        summary["values"] = {v.key if v.rank is None else f"{v.key}@{v.rank}": decode_value(v.value, args.path)
+                             for v in index.values}
+        print(json.dumps(summary, indent=1, default=repr))
+        return 0
+    ratio = index.bytes_raw() / index.bytes_stored() if index.bytes_stored() else 1.0
+    print(f"{args.path}: format v{index.version}, save {index.save_id}, {index.world_size} ranks, "
+          f"{_mb(index.bytes_raw())} raw -> {_mb(index.bytes_stored())} stored ({ratio:.2f}x), "
+          f"blocks {dict(codecs)}")
+    for t in index.tensors[: args.limit]:
+        who = "" if t.rank is None else f"  (rank {t.rank})"
+        print(f"  tensor {t.key:<50} {t.dtype:<9} {list(t.shape)}  {len(t.blocks)} blocks{who}")
+    for v in index.values[: args.limit]:
+        who = "" if v.rank is None else f"  (rank {v.rank})"
+        print(f"  value  {v.key:<50} {decode_value(v.value, args.path)!r:.60}{who}")
+    hidden = len(index.tensors) + len(index.values) - min(args.limit, len(index.tensors)) - min(args.limit, len(index.values))
+    if hidden > 0:
+        print(f"  ... {hidden} more (--limit, or --json for all)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.paths:
+        try:
+            r = verify(path)
+        except CheckpointError as e:
+            print(f"FAIL {path}: {type(e).__name__}: {e}")
+            failed += 1
+        else:
+            print(f"ok   {path}: {r.files} files, {r.tensors} tensors, {r.blocks} blocks, {_mb(r.bytes_stored)} verified")
+    return 1 if failed else 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Gather a (possibly sharded) checkpoint into one process and write it again, e.g. to change
+    compression or to produce a single-file-per-tensor copy for another world size."""
+    index = read_index(args.src)
+    state: dict[str, object] = {}
+    for t in index.tensors:
+        if t.rank is not None:
+            raise CheckpointError(f"{args.src}: tensor {t.key!r} is per-rank; convert keeps only global state")
+        _put(state, t.path, torch.empty(t.shape, dtype=t.torch_dtype))
+    for v in index.values:
+        if v.rank is None:
+            _put(state, v.path, None)
+    load(state, args.src)
+    result = save(state, args.dst, compression=args.compression, metadata=index.metadata)
+    print(f"{args.src} -> {args.dst}: {_mb(result.bytes_raw)} raw, {_mb(result.bytes_stored)} stored")
+    return 0
+
+
+def _put(root: dict[str, object], path: tuple[str | int, ...], value: object) -> None:
+    node = root
+    for part in path[:-1]:
+        node = node.setdefault(part, {})  # type: ignore[assignment, arg-type]
+    node[path[-1]] = value  # type: ignore[index]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="shardckpt", description="Inspect, verify and convert shardckpt checkpoints.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="committed steps under a manager root")
+    p.add_argument("root")
+    p.set_defaults(fn=cmd_ls)
+    p = sub.add_parser("inspect", help="describe one checkpoint")
+    p.add_argument("path")
+    p.add_argument("--limit", type=int, default=40)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("verify", help="check every block of one or more checkpoints")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("convert", help="rewrite a checkpoint (gathered in this process)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    p.set_defaults(fn=cmd_convert)
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except CheckpointError as e:
+        print(f"shardckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The shardckpt command over real checkpoints: ls, inspect, verify (and its exit code), convert."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import shardckpt
+from shardckpt.cli import main
+
+
+def _ckpt(path) -> dict[str, object]:
+    state = {"model": {"w": torch.randn(300, 40).to(torch.bfloat16), "b": torch.arange(7)}, "step": 9,
+             "cfg": {"lr": 0.5, "betas": (0.9, 0.99)}}
+    shardckpt.save(state, path, metadata={"step": 9})
+    return state
+
+
+def test_ls_inspect_verify(tmp_path, capsys):
+    m = shardckpt.CheckpointManager(tmp_path / "root", async_save=False)
+    for s in (3, 6):
+        m.save(s, {"w": torch.ones(10) * s})
+    assert main(["ls", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out
+    assert "step          3" in out and "step          6" in out
+    _ckpt(tmp_path / "c")
+    assert main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {t["key"] for t in doc["tensors"]} == {"model/w", "model/b"} and doc["values"]["step"] == 9
+    assert main(["verify", str(tmp_path / "c")]) == 0
+    data = next((tmp_path / "c" / "data").iterdir())
+    raw = bytearray(data.read_bytes())
+    raw[-3] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(tmp_path / "c")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_convert_changes_compression_and_keeps_values(tmp_path):
+    state = _ckpt(tmp_path / "src")
+    proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "convert", str(tmp_path / "src"), str(tmp_path / "dst"),
+                           "--compression", "none"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    index = shardckpt.read_index(tmp_path / "dst")
+    assert {b.codec for t in index.tensors for b in t.blocks} == {"raw"} and index.metadata == {"step": 9}
+    got = {"model": {"w": torch.zeros(300, 40, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.int64)},
+           "step": 0, "cfg": None}
+    shardckpt.load(got, tmp_path / "dst")
+    assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["cfg"] == {"lr": 0.5, "betas": (0.9, 0.99)}
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "CheckpointNotFoundError" in capsys.readouterr().err
