@@ -31,15 +31,18 @@ from report import write_reports
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLS = 2048
+DEVICE = ["cpu"]  # set per worker: "cuda" runs the GPU variant (NCCL, CUDA tensors, pinned staging)
 
 
-def make_state(world: int, save_world: int, mb_per_rank: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_state(
+    world: int, save_world: int, mb_per_rank: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0
+) -> dict[str, torch.Tensor]:
     """FSDP-like state: weights and two Adam moments, DTensors sharded on dim 0 over all ranks.
     The global size is fixed by the saving world, so a re-sharded load sees the same tensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device, (world,))
     itemsize = torch.tensor([], dtype=dtype).element_size()
     rows_total = max(world, mb_per_rank * save_world * (1 << 20) // (3 * COLS * itemsize))
     layers = 8
@@ -51,7 +54,7 @@ def make_state(world: int, save_world: int, mb_per_rank: int, dtype: torch.dtype
         m = (torch.randn(rows, COLS, generator=g) * 1e-3).to(dtype)
         v = (torch.randn(rows, COLS, generator=g) * 1e-3).pow(2).to(dtype)
         for name, t in (("weight", w), ("exp_avg", m), ("exp_avg_sq", v)):
-            state[f"layer{i}.{name}"] = distribute_tensor(t, mesh, [Shard(0)])
+            state[f"layer{i}.{name}"] = distribute_tensor(t.to(device), mesh, [Shard(0)])
     return state
 
 
@@ -70,7 +73,7 @@ def _reset_peak() -> None:
 
 def _max_over_ranks(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=DEVICE[0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return dict(zip(keys, t.tolist()))
 
@@ -87,12 +90,17 @@ def _measure(fn, *args) -> dict[str, float]:
 
 def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: mp.Queue) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        DEVICE[0] = f"cuda:{rank}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     dtype = DTYPES[args.dtype]
     work = Path(args.work)
-    state = make_state(world, args.ranks, args.mb_per_rank, dtype)
+    state = make_state(world, args.ranks, args.mb_per_rank, dtype, args.device)
     target = {k: torch.zeros_like(v) for k, v in state.items()}
-    buffers = {k: torch.empty_like(systems.local_of(v)) for k, v in state.items()}
+    # Host buffers (pinned for GPU state): the stall floor is a copy into warm host memory.
+    buffers = {k: torch.empty(systems.local_of(v).shape, dtype=v.dtype, pin_memory=cuda) for k, v in state.items()}
     runs: dict[str, dict[str, list[float]]] = {}
     warming = False
 
@@ -195,6 +203,7 @@ def main() -> None:
     ap.add_argument("--reshard-to", type=int, default=3)
     ap.add_argument("--mb-per-rank", type=int, default=256)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank, NCCL")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     ap.add_argument("--out", default="benchmarks/out")

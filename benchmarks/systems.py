@@ -49,7 +49,9 @@ def disk_bytes(path: Path) -> int:
 def floor_copy(state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> Timed:
     t = time.perf_counter()
     for k, v in state.items():
-        buffers[k].copy_(local_of(v))
+        buffers[k].copy_(local_of(v), non_blocking=True)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return {"stall": time.perf_counter() - t}
 
 
@@ -58,7 +60,7 @@ def floor_write(state: dict[str, torch.Tensor], path: Path, rank: int) -> Timed:
     t = time.perf_counter()
     fd = os.open(path / f"raw-{rank}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for v in state.values():
-        os.write(fd, local_of(v).contiguous().view(torch.uint8).numpy())
+        os.write(fd, local_of(v).detach().cpu().contiguous().view(torch.uint8).numpy())
     os.fsync(fd)
     os.close(fd)
     return {"save": time.perf_counter() - t}

@@ -48,8 +48,11 @@ def _context() -> Any:
     return _CTX
 
 
-def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank."""
+def run_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, dies: frozenset[int] = frozenset()
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results by rank.
+    Ranks in ``dies`` are expected to kill themselves: their result is None."""
     ctx = _context()
     out = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +63,7 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
         results: dict[int, Any] = {}
         errors: dict[int, str] = {}
         try:
-            for _ in range(world_size):
+            for _ in range(world_size - len(dies)):
                 rank, status, value = out.get(timeout=timeout)
                 (results if status == "ok" else errors)[rank] = value
         except queue.Empty:
@@ -73,4 +76,6 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: floa
     if errors:
         detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise AssertionError(f"worker(s) failed:\n{detail}")
-    return [pickle.loads(results[r]) for r in range(world_size)]
+    for r in dies:
+        assert procs[r].exitcode not in (0, None), f"rank {r} was expected to die but exited {procs[r].exitcode}"
+    return [None if r in dies else pickle.loads(results[r]) for r in range(world_size)]

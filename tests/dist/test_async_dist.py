@@ -62,3 +62,27 @@ def test_async_failure_surfaces_on_every_rank(tmp_path):
     assert run_ranks(2, replica_worker, str(path)) == ["ReplicaMismatchError", "RankFailedError"]
     assert not (path / "index.json").exists()
     assert not list((path / "data").iterdir())
+
+
+def dead_rank_worker(rank: int, world_size: int, path: str) -> str:
+    import os
+    import signal
+
+    state = {"w": torch.full((2048, 1024), 1.0), "r": shardckpt.PerRank(rank)}
+    handle = shardckpt.async_save(state, path)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # a node dies while its save is in flight
+    try:
+        handle.wait(timeout=120)
+    except shardckpt.CheckpointError as e:
+        outcome = type(e).__name__
+    else:
+        outcome = "ok"
+    return outcome
+
+
+def test_dead_rank_mid_save_surfaces_from_wait(tmp_path):
+    path = tmp_path / "ckpt"
+    outcomes = run_ranks(2, dead_rank_worker, str(path), dies=frozenset({1}))
+    assert outcomes[0] == "CheckpointError", outcomes  # the peer's death, reported, not a hang
+    assert not (path / "index.json").exists()
