@@ -25,7 +25,8 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']['cpu_count']} CPUs, {report['machine']['platform']}, "
         f"Python {report['machine']['python']}, torch {report['machine']['torch']}  ",
-        f"State: {cfg['ranks']} ranks x {mb:.0f} MB on {cfg.get('device', 'cpu')} ({cfg['dtype']} weights + Adam moments as DTensors, "
+        f"State: {cfg['ranks']} ranks x {mb:.0f} MB on {cfg.get('device', 'cpu')} "
+        f"({cfg['dtype']} weights + Adam moments as DTensors, "
         f"Shard(0)); re-sharded load on {cfg['reshard_to']} ranks; median of {cfg['repeats']} repeats (after "
         f"{cfg.get('warmup', 0)} warm-up round) of the slowest rank; loads read cold (pages evicted).",
         "",
