@@ -94,7 +94,9 @@ def prepare_save(
     tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
     metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
     save_id = str(metas[0]["save_id"])
-    plan, _ = comm.run(f"save to {path}: planning", lambda: (plan_save(metas, options.block_bytes), None))
+    # Every rank plans from the same gathered metadata with a deterministic function, so a bad
+    # state raises the same error on every rank: no gather is needed to agree on the outcome.
+    plan = plan_save(metas, options.block_bytes)
     items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
     return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, metadata or {}, started)
 
