@@ -79,5 +79,9 @@ class Comm:
         if self.group is None:
             return self
         ranks = dist.get_process_group_ranks(self.group)
-        group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(minutes=30))
+        # Local synchronization: only the members create it, so saving over a subgroup does not
+        # need ranks outside it to take part (they would never call async_save for it).
+        group = dist.new_group(
+            ranks=ranks, backend="gloo", timeout=timedelta(minutes=30), use_local_synchronization=True
+        )
         return Comm(group)

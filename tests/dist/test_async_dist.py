@@ -86,3 +86,22 @@ def test_dead_rank_mid_save_surfaces_from_wait(tmp_path):
     outcomes = run_ranks(2, dead_rank_worker, str(path), dies=frozenset({1}))
     assert outcomes[0] == "CheckpointError", outcomes  # the peer's death, reported, not a hang
     assert not (path / "index.json").exists()
+
+
+def subgroup_worker(rank: int, world_size: int, path: str) -> str:
+    import torch.distributed as dist
+
+    # Ranks 0 and 1 checkpoint over their own subgroup; rank 2 never takes part in it.
+    group = dist.new_group(ranks=[0, 1])
+    if rank == 2:
+        return "idle"
+    state = {"w": torch.full((64,), 3.0), "r": shardckpt.PerRank(rank)}
+    shardckpt.async_save(state, path, process_group=group).wait(timeout=60)
+    got = {"w": torch.zeros(64), "r": shardckpt.PerRank(-1)}
+    shardckpt.load(got, path, process_group=group)
+    shardckpt.shutdown()
+    return f"{float(got['w'][0])}:{got['r'].value}"
+
+
+def test_async_save_over_a_subgroup(tmp_path):
+    assert run_ranks(3, subgroup_worker, str(tmp_path / "ckpt")) == ["3.0:0", "3.0:1", "idle"]
