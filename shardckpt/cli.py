@@ -3,7 +3,8 @@
     shardckpt ls ROOT                 committed steps under a CheckpointManager root
     shardckpt inspect PATH            tensors, values, files, sizes and codecs of one checkpoint
     shardckpt verify PATH [PATH ...]  re-read every block against its checksum (exit 1 on failure)
-    shardckpt convert SRC DST [--compression zstd|none]   rewrite (gathered) in one process
+    shardckpt convert SRC DST [--compression zstd|none] [--from shardckpt|dcp|torch]
+                                      rewrite as shardckpt (gathered in one process)
 """
 
 from __future__ import annotations
@@ -90,8 +91,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Gather a (possibly sharded) checkpoint into one process and write it again, e.g. to change
-    compression or to produce a single-file-per-tensor copy for another world size."""
+    """Gather a (possibly sharded) checkpoint into one process and write it again as shardckpt:
+    from shardckpt (to change compression), from DCP, or from a torch.save file."""
+    if args.source_format != "shardckpt":
+        foreign = _read_foreign(args.src, args.source_format)
+        result = save(foreign, args.dst, compression=args.compression)
+        print(f"{args.src} ({args.source_format}) -> {args.dst}: {_mb(result.bytes_raw)} raw, "
+              f"{_mb(result.bytes_stored)} stored")
+        return 0
     index = read_index(args.src)
     state: dict[str, object] = {}
     for t in index.tensors:
@@ -105,6 +112,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = save(state, args.dst, compression=args.compression, metadata=index.metadata)
     print(f"{args.src} -> {args.dst}: {_mb(result.bytes_raw)} raw, {_mb(result.bytes_stored)} stored")
     return 0
+
+
+def _read_foreign(src: str, kind: str) -> dict[str, object]:
+    """Everything in a DCP checkpoint or a torch.save file, as full tensors in one process.
+
+    Both formats pickle (DCP its metadata and non-tensor values); only convert files you trust.
+    torch.save files are read with weights_only=True.
+    """
+    if kind == "torch":
+        loaded = torch.load(src, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{src}: a torch.save file holding {type(loaded).__name__}, not a dict")
+        return loaded
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = dcp.FileSystemReader(src).read_metadata()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{src}: not a readable DCP checkpoint: {e}") from e
+    paths = metadata.planner_data or {}
+    state: dict[str, object] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        path = tuple(paths.get(key, (key,)))
+        if isinstance(meta, TensorStorageMetadata):
+            _put(state, path, torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
+        else:
+            _put(state, path, None)  # a pickled object: DCP fills it in
+    dcp.load(state, checkpoint_id=src, no_dist=True)
+    return state
 
 
 def _put(root: dict[str, object], path: tuple[str | int, ...], value: object) -> None:
@@ -128,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verify", help="check every block of one or more checkpoints")
     p.add_argument("paths", nargs="+")
     p.set_defaults(fn=cmd_verify)
-    p = sub.add_parser("convert", help="rewrite a checkpoint (gathered in this process)")
+    p = sub.add_parser("convert", help="rewrite a checkpoint as shardckpt (gathered in this process)")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--from", dest="source_format", choices=["shardckpt", "dcp", "torch"], default="shardckpt",
+                   help="source format; dcp and torch files pickle, so only convert files you trust")
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     p.set_defaults(fn=cmd_convert)
     args = ap.parse_args(argv)

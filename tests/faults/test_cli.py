@@ -55,3 +55,20 @@ def test_convert_changes_compression_and_keeps_values(tmp_path):
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     assert "CheckpointNotFoundError" in capsys.readouterr().err
+
+
+def test_convert_from_dcp_and_torch_save(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"w": torch.randn(6, 5), "b": torch.arange(4)}, "step": 3}
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
+    torch.save({"w": state["model"]["w"], "n": 2}, tmp_path / "t.pt")
+    assert main(["convert", "--from", "dcp", str(tmp_path / "dcp"), str(tmp_path / "a")]) == 0
+    assert main(["convert", "--from", "torch", str(tmp_path / "t.pt"), str(tmp_path / "b")]) == 0
+    got = {"model": {"w": torch.zeros(6, 5), "b": torch.zeros(4, dtype=torch.int64)}, "step": 0}
+    shardckpt.load(got, tmp_path / "a")
+    assert torch.equal(got["model"]["w"], state["model"]["w"]) and got["step"] == 3
+    got2 = {"w": torch.zeros(6, 5), "n": 0}
+    shardckpt.load(got2, tmp_path / "b")
+    assert torch.equal(got2["w"], state["model"]["w"]) and got2["n"] == 2
+    assert main(["convert", "--from", "dcp", str(tmp_path / "nowhere"), str(tmp_path / "c")]) == 2
