@@ -14,11 +14,11 @@ import torch.distributed as dist
 
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError, CorruptCheckpointError, MissingKeysError
+from shardckpt.errors import CorruptCheckpointError, MissingKeysError
 from shardckpt.format.schema import DATA_DIR, CheckpointIndex, TensorEntry
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
-from shardckpt.pipeline.reader import check_files, execute_reads, read_block
+from shardckpt.pipeline.reader import check_files, execute_reads, raise_first_failure, read_block
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
@@ -155,11 +155,7 @@ def verify(path: PathLike) -> VerifyReport:
         for entry in index.tensors:
             jobs.extend((entry, r) for r in plan_reads(entry, Box.full(entry.shape), where))
         with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-verify") as pool:
-            futures = [pool.submit(read_block, storage, index, entry, r, where) for entry, r in jobs]
-            for f in futures:
-                exc = f.exception()
-                if exc is not None:
-                    raise exc if isinstance(exc, CheckpointError) else CheckpointError(f"{where}: {exc}")
+            raise_first_failure([pool.submit(read_block, storage, index, entry, r, where) for entry, r in jobs], where)
     finally:
         storage.close()
     return VerifyReport(where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored())

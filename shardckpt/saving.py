@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
-import xxhash
 
+from shardckpt.codec.checksum import checksum
 from shardckpt.commit import RankResult, build_index, check_replicas, commit_index, remove_stale_files
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError
@@ -113,6 +113,7 @@ def stage(
     With a ``staging`` pool every item is copied into a reused buffer (a snapshot: the caller may
     change its tensors once the items are taken and ``copier`` is synced). Without one, CPU
     tensors that are already contiguous are used in place; the blocking save holds the caller."""
+    copier = copier or DeviceCopier()
     for w in prep.plan.writes[prep.comm.rank]:
         item = _item_for(prep, w)
         view = source_view(item.local, item.box, w.box).detach()
@@ -123,7 +124,6 @@ def stage(
                 yield StagedWrite(w, item.dtype, view.to("cpu", copy=True).contiguous())
             continue
         buf = staging.acquire(view.dtype, tuple(view.shape), pin=view.device.type == "cuda")
-        copier = copier or DeviceCopier()
         ready = copier.copy(buf, view)
         yield StagedWrite(w, item.dtype, buf, ready, pooled=True)
 
@@ -141,7 +141,7 @@ def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, st
         t = prep.items[key].local.detach()
         t = t.cpu() if t.device.type != "cpu" else t
         # cast: numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12 (see codec/blocks.py).
-        return xxhash.xxh3_64_hexdigest(cast("Buffer", t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        return checksum(cast("Buffer", t.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
     return dict(zip(wanted, pool.map(digest, wanted)))
 

@@ -3,8 +3,13 @@ and checking stored bytes before decompression keeps a corrupt frame away from z
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import xxhash
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
-def checksum(data: bytes | memoryview) -> str:
+
+def checksum(data: Buffer) -> str:
     return xxhash.xxh3_64_hexdigest(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from shardckpt.pipeline.datafile import check_header
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead
 from shardckpt.storage import LocalStorage
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -86,10 +89,13 @@ def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry
 def execute_reads(
     storage: LocalStorage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
 ) -> None:
-    futures: list[Future[None]] = []
-    for req in requests:
-        for read in req.reads:
-            futures.append(pool.submit(_read_into, storage, index, req, read, where))
+    futures = [pool.submit(_read_into, storage, index, req, read, where) for req in requests for read in req.reads]
+    raise_first_failure(futures, where)
+
+
+def raise_first_failure(futures: list[Future[T]], where: str) -> list[T]:
+    """Wait for every job (none may still touch a file being closed), then raise the first
+    failure as a CheckpointError; returns the results otherwise."""
     wait(futures)
     for f in futures:
         exc = f.exception()
@@ -97,6 +103,7 @@ def execute_reads(
             if isinstance(exc, CheckpointError):
                 raise exc
             raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
+    return [f.result() for f in futures]
 
 
 def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:

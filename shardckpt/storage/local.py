@@ -199,7 +199,7 @@ class LocalStorage:
             with open(path, "rb") as f:
                 data = f.read(limit + 1)
         except FileNotFoundError:
-            raise
+            raise  # the caller turns a missing index into CheckpointNotFoundError
         except OSError as e:
             raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
         return data
