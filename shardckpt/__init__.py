@@ -8,8 +8,10 @@ from shardckpt.api import VerifyReport, load, read_index, save, verify
 from shardckpt.async_save import SaveHandle, async_save, shutdown
 from shardckpt.errors import (
     CheckpointError,
+    CheckpointInUseError,
     CheckpointIOError,
     CheckpointNotFoundError,
+    CommunicationError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     IndexFormatError,
@@ -19,7 +21,7 @@ from shardckpt.errors import (
     StateMismatchError,
 )
 from shardckpt.flatten import PerRank
-from shardckpt.manager import CheckpointManager
+from shardckpt.manager import CheckpointManager, committed_steps
 from shardckpt.options import CompressionOptions
 from shardckpt.saving import SaveResult
 from shardckpt.training import ModelOptimizerState, ResumableSampler, RNGState, seed_everything
@@ -29,8 +31,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CheckpointIOError",
+    "CheckpointInUseError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CommunicationError",
     "CompressionOptions",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
@@ -47,6 +51,7 @@ __all__ = [
     "StateMismatchError",
     "VerifyReport",
     "async_save",
+    "committed_steps",
     "load",
     "read_index",
     "save",

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
-from shardckpt.errors import CorruptCheckpointError, MissingKeysError
+from shardckpt.errors import CorruptCheckpointError, MissingKeysError, StateMismatchError
 from shardckpt.format.schema import DATA_DIR, CheckpointIndex, TensorEntry
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
@@ -52,11 +52,16 @@ def save(
     options = compression_options(compression)
     t0 = time.perf_counter()
     prep = prepare_save(state, Path(path), comm, options, check_replicas, metadata)
-    with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
-        staged, _ = comm.run(f"save to {path}: staging", lambda: (list(stage(prep)), None))
-        hashes = replica_hashes(prep, pool)
-        stall = time.perf_counter() - t0
-        done = write_and_commit(prep, staged, hashes, comm, pool)
+    try:
+        with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
+            # Hashing replicas can fail too (a device error): inside the gather, like staging.
+            (staged, hashes), _ = comm.run(
+                f"save to {path}: staging", lambda: ((list(stage(prep)), replica_hashes(prep, pool)), None)
+            )
+            stall = time.perf_counter() - t0
+            done = write_and_commit(prep, staged, hashes, comm, pool)
+    finally:
+        prep.release()
     return result_of(prep, done, stall, time.perf_counter() - t0 - stall)
 
 
@@ -110,9 +115,21 @@ def load(
         comm.run(f"load from {path}", read)
     finally:
         storage.close()
-    # Outside the failure gather: a load_state_dict may itself run collectives.
-    for obj, filled in walk.statefuls:
-        obj.load_state_dict(filled)  # type: ignore[attr-defined]
+
+    def apply() -> tuple[None, object]:
+        # In a gather of its own, so that one rank's failing load_state_dict makes every rank raise.
+        # (A load_state_dict that runs collectives must raise on every rank alike, or its peers wait.)
+        for obj, filled in walk.statefuls:
+            try:
+                obj.load_state_dict(filled)  # type: ignore[attr-defined]
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise StateMismatchError(
+                    f"{where}: rank {comm.rank}: {type(obj).__name__}.load_state_dict rejected the saved state: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+        return None, None
+
+    comm.run(f"load from {path}: load_state_dict", apply)
 
 
 def _read_index_and_id(storage: LocalStorage) -> tuple[CheckpointIndex, object]:
@@ -134,23 +151,24 @@ class VerifyReport:
     blocks: int
     bytes_raw: int
     bytes_stored: int
+    # Data files the index does not name: left by an interrupted save into the same directory.
+    # Not corruption (the checkpoint loads in full); the next save there removes them.
+    orphans: tuple[str, ...] = ()
 
 
 def verify(path: PathLike) -> VerifyReport:
     """Re-read every stored byte against its checksum and decode it; raises a CheckpointError on any
-    missing, truncated, swapped, extra or corrupt data file or block."""
+    missing, truncated, swapped or corrupt data file or block. Files the index does not name are
+    reported in ``orphans``, not raised. Reads only: nothing is written or deleted."""
     storage = LocalStorage(path)
     where = str(path)
     try:
         index = read_committed_index(storage)
         check_files(storage, index, set(range(len(index.files))), where)
         live = {f.name for f in index.files}
-        extra = [n for n in storage.list(DATA_DIR) if n not in live]
-        if extra:
-            raise CorruptCheckpointError(
-                f"{where}: data files not referenced by the index: {extra} (left by an interrupted save; the "
-                "checkpoint loads, and the next save or cleanup removes them)"
-            )
+        orphans = tuple(n for n in storage.list(DATA_DIR) if n not in live)
+        if orphans:
+            log.warning("%s: data files not named by the index (left by an interrupted save): %s", where, list(orphans))
         jobs: list[tuple[TensorEntry, BlockRead]] = []
         for entry in index.tensors:
             jobs.extend((entry, r) for r in plan_reads(entry, Box.full(entry.shape), where))
@@ -158,4 +176,6 @@ def verify(path: PathLike) -> VerifyReport:
             raise_first_failure([pool.submit(read_block, storage, index, entry, r, where) for entry, r in jobs], where)
     finally:
         storage.close()
-    return VerifyReport(where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored())
+    return VerifyReport(
+        where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored(), orphans
+    )

@@ -93,10 +93,21 @@ class AsyncSaver:
         check_replicas: bool,
         metadata: Mapping[str, object] | None,
         lazy: bool,
+        budget_bytes: int | None = None,
     ) -> SaveHandle:
         t0 = time.perf_counter()
-        self.drain()
-        prep = prepare_save(state, path, self.comm, compression_options(compression), check_replicas, metadata)
+        unseen = self._wait_previous()
+        if budget_bytes is not None:  # only now: the previous save's buffers are all back in the pool
+            self.staging.budget = budget_bytes
+
+        def precheck() -> None:
+            # Inside the first gather: when any rank has an unseen failure, every rank raises.
+            if unseen is not None:
+                raise unseen
+
+        prep = prepare_save(
+            state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck
+        )
         feed: queue.Queue[object] = queue.Queue()
         hashes: dict[str, str] = {}
         future: Future[SaveResult] = Future()
@@ -213,7 +224,7 @@ class AsyncSaver:
 
         try:
             done = write_and_commit(prep, items(), hashes, self.side, self.writers, release)
-            future.set_result(result_of(prep, done, stall.seconds, time.perf_counter() - t0))
+            result = result_of(prep, done, stall.seconds, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle
             # Take (and free) whatever the snapshot still hands over, so it never blocks on the budget.
             while not ended:
@@ -221,19 +232,33 @@ class AsyncSaver:
                 ended = got is _END or isinstance(got, BaseException)
                 if isinstance(got, StagedWrite):
                     release(got)
+            prep.release()
             future.set_exception(e)
+        else:
+            prep.release()
+            future.set_result(result)
 
-    def drain(self) -> None:
-        """Wait for the save in flight; raise its failure if nobody has seen it yet."""
+    def _wait_previous(self) -> CheckpointError | None:
+        """Wait for the save in flight; return its failure if nobody has seen it yet."""
         last, self.last = self.last, None
         if last is None:
-            return
+            return None
         seen = last.observed
         try:
             last.wait()
         except CheckpointError as e:
             if not seen:
-                raise CheckpointError(f"the previous async save to {last.path} failed: {e}") from e
+                unseen = CheckpointError(f"the previous async save to {last.path} failed: {e}")
+                unseen.__cause__ = e
+                return unseen
+        return None
+
+    def drain(self) -> None:
+        """Wait for the save in flight; raise its failure if nobody has seen it yet (this rank only:
+        for ``close``, which runs no collective after it)."""
+        unseen = self._wait_previous()
+        if unseen is not None:
+            raise unseen
 
     def close(self) -> None:
         try:
@@ -242,6 +267,7 @@ class AsyncSaver:
             self.committer.shutdown(wait=True)
             self.writers.shutdown(wait=True)
             self.staging.close()
+            self.side.close()
 
 
 def _stream_marker() -> object:
@@ -289,14 +315,27 @@ def async_save(
         handle.wait()
     """
     comm = Comm.for_group(process_group)
-    key = ("default", id(comm.group)) if comm.group is not None else "local"
     with _LOCK:
-        saver = _SAVERS.get(key)
+        saver = _SAVERS.get(_key(comm))
+        if saver is not None and saver.comm.group is not comm.group:
+            stale = saver  # a recreated group reusing a dead one's id: never reuse its side group
+            saver = None
+            _SAVERS.pop(_key(comm))
+            _close_quietly(stale)
         if saver is None:
-            saver = _SAVERS[key] = AsyncSaver(comm, staging_budget())
-    if staging_budget_bytes is not None:
-        saver.staging.budget = staging_budget_bytes
-    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy)
+            saver = _SAVERS[_key(comm)] = AsyncSaver(comm, staging_budget())
+    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy, staging_budget_bytes)
+
+
+def _key(comm: Comm) -> object:
+    return id(comm.group) if comm.group is not None else "local"
+
+
+def _close_quietly(saver: AsyncSaver) -> None:
+    try:
+        saver.close()
+    except CheckpointError as e:
+        log.warning("an async save of a process group that no longer exists failed: %s", e)
 
 
 def shutdown(process_group: dist.ProcessGroup | None = None) -> None:
@@ -307,7 +346,7 @@ def shutdown(process_group: dist.ProcessGroup | None = None) -> None:
             savers = list(_SAVERS.values())
             _SAVERS.clear()
         else:
-            comm = Comm.for_group(process_group)
-            savers = [s for k, s in list(_SAVERS.items()) if k == ("default", id(comm.group)) and _SAVERS.pop(k)]
+            saver = _SAVERS.pop(_key(Comm.for_group(process_group)), None)
+            savers = [saver] if saver is not None else []
     for saver in savers:
         saver.close()

@@ -2,9 +2,12 @@
 
     shardckpt ls ROOT                 committed steps under a CheckpointManager root
     shardckpt inspect PATH            tensors, values, files, sizes and codecs of one checkpoint
-    shardckpt verify PATH [PATH ...]  re-read every block against its checksum (exit 1 on failure)
-    shardckpt convert SRC DST [--compression zstd|none] [--from shardckpt|dcp|torch]
+    shardckpt verify PATH [PATH ...]  re-read every block against its checksum (exit 1 on failure,
+                                      3 when all pass but some hold orphaned files of a torn save)
+    shardckpt convert SRC DST [--compression zstd|none] [--from shardckpt|dcp|torch] [--overwrite]
                                       rewrite as shardckpt (gathered in one process)
+
+ls, inspect and verify only read: they never write or delete anything.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from shardckpt.api import load, read_index, save, verify
 from shardckpt.errors import CheckpointError
 from shardckpt.format.values import decode_value
-from shardckpt.manager import CheckpointManager
+from shardckpt.manager import committed_steps
 
 
 def _mb(n: int) -> str:
@@ -28,16 +31,21 @@ def _mb(n: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    manager = CheckpointManager(args.root) if Path(args.root).is_dir() else None
-    steps = manager.steps() if manager else []
+    steps = committed_steps(args.root)
     if not steps:
         print(f"{args.root}: no committed checkpoints")
         return 0
+    failed = 0
     for step in steps:
-        index = read_index(manager.path_for(step))  # type: ignore[union-attr]
+        try:
+            index = read_index(Path(args.root) / f"step-{step:08d}")
+        except CheckpointError as e:
+            print(f"step {step:>10}  unreadable: {type(e).__name__}: {e}")
+            failed += 1
+            continue
         print(f"step {step:>10}  {index.world_size:>4} ranks  {len(index.tensors):>6} tensors  "
               f"{_mb(index.bytes_stored()):>12} stored  ({_mb(index.bytes_raw())} raw)")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -78,21 +86,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    failed = 0
+    failed = warned = 0
     for path in args.paths:
         try:
             r = verify(path)
         except CheckpointError as e:
             print(f"FAIL {path}: {type(e).__name__}: {e}")
             failed += 1
-        else:
-            print(f"ok   {path}: {r.files} files, {r.tensors} tensors, {r.blocks} blocks, {_mb(r.bytes_stored)} verified")
-    return 1 if failed else 0
+            continue
+        print(f"ok   {path}: {r.files} files, {r.tensors} tensors, {r.blocks} blocks, {_mb(r.bytes_stored)} verified")
+        if r.orphans:
+            warned += 1
+            print(f"warn {path}: {len(r.orphans)} data file(s) not named by the index, left by an interrupted save "
+                  f"(harmless; the next save into this directory removes them): {', '.join(r.orphans)}")
+    return 1 if failed else (3 if warned else 0)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Gather a (possibly sharded) checkpoint into one process and write it again as shardckpt:
     from shardckpt (to change compression), from DCP, or from a torch.save file."""
+    _check_destination(Path(args.src), Path(args.dst), args.overwrite)
     if args.source_format != "shardckpt":
         foreign = _read_foreign(args.src, args.source_format)
         result = save(foreign, args.dst, compression=args.compression)
@@ -112,6 +125,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = save(state, args.dst, compression=args.compression, metadata=index.metadata)
     print(f"{args.src} -> {args.dst}: {_mb(result.bytes_raw)} raw, {_mb(result.bytes_stored)} stored")
     return 0
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """convert never writes into its source, and replaces a checkpoint only when asked to."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise CheckpointError(f"convert: destination {dst} is, or is inside, the source {src}; choose another directory")
+    if (dst / "index.json").exists() and not overwrite:
+        raise CheckpointError(f"convert: {dst} already holds a checkpoint; pass --overwrite to replace it")
 
 
 def _read_foreign(src: str, kind: str) -> dict[str, object]:
@@ -171,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="source_format", choices=["shardckpt", "dcp", "torch"], default="shardckpt",
                    help="source format; dcp and torch files pickle, so only convert files you trust")
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST (atomically)")
     p.set_defaults(fn=cmd_convert)
     args = ap.parse_args(argv)
     try:

@@ -1,12 +1,15 @@
 """The coordinator's commit: assemble the global index from every rank's write results, check
-replicas, and publish it atomically. Nothing here runs before every rank's data is durable."""
+replicas, and publish it atomically. Nothing here runs before every rank's data is durable.
+
+The publish is the commit point: the rename of ``index.json``. Whatever fails before it leaves
+nothing published; whatever fails after it must not delete data, since the index names it."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
 
-from shardckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, ReplicaMismatchError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, ReplicaMismatchError
 from shardckpt.format.index_json import decode_index, encode_index
 from shardckpt.format.schema import (
     DATA_DIR,
@@ -21,6 +24,7 @@ from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
 from shardckpt.planning.save_plan import SavePlan
 from shardckpt.storage import LocalStorage
+from shardckpt.storage.faults import hit
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +73,51 @@ def build_index(
     return CheckpointIndex(save_id, len(results), files, tuple(tensors), values, metadata=dict(metadata))
 
 
-def commit_index(storage: LocalStorage, index: CheckpointIndex) -> None:
-    data = encode_index(index)
-    # Decode what we are about to publish: a writer bug must fail the save, not a later load.
-    decode_index(data, str(storage.root / INDEX_NAME))
-    storage.write_atomic(INDEX_NAME, data)
+def publish_index(
+    storage: LocalStorage, save_id: str, plan: SavePlan, results: list[RankResult], metadata: dict[str, object]
+) -> tuple[dict[str, object], BaseException | None]:
+    """On the coordinator: build, check and publish the index. Never raises: returns the outcome
+    every rank must learn (``committed``: whether index.json was renamed into place; ``error``: what
+    failed, before or after that point) and the exception itself, for the coordinator to raise."""
+    outcome: dict[str, object] = {"committed": False, "error": None, "totals": None, "files": []}
+    try:
+        check_replicas(results)
+        index = build_index(save_id, plan, results, metadata)
+        data = encode_index(index)
+        # Decode what we are about to publish: a writer bug must fail the save, not a later load.
+        decode_index(data, str(storage.root / INDEX_NAME))
+        # The entries that lead to the data must be durable before the index that names it.
+        storage.fsync_dir("", point="data_dir_fsync")
+        storage.fsync_parent()
+        storage.publish(INDEX_NAME, data)
+        outcome.update(committed=True, totals=[index.bytes_raw(), index.bytes_stored()], files=[f.name for f in index.files])
+        storage.fsync_dir("")
+    except BaseException as e:  # noqa: BLE001 - the peers must learn the outcome before anyone raises
+        outcome["error"] = f"{type(e).__name__}: {e}"
+        return outcome, e
+    return outcome, None
 
 
-def remove_stale_files(storage: LocalStorage, index: CheckpointIndex) -> list[str]:
-    """After a commit, data files of earlier or torn saves into the same directory are garbage."""
-    live = {f.name for f in index.files}
-    stale = [name for name in storage.list(DATA_DIR) if name not in live]
-    for name in stale:
-        storage.delete(name)
-    if stale:
-        log.info("removed %d stale data file(s) from %s", len(stale), storage.root)
-    return stale
+def remove_stale_files(storage: LocalStorage, live: set[str]) -> list[str]:
+    """After a commit, data files of earlier or torn saves into the same directory are garbage.
+    Best effort and never raising: the save is already committed, and a failure here only leaves
+    files that the next save or ``verify`` reports. Only regular files under a real ``data/`` go."""
+    data_dir = storage.root / DATA_DIR
+    removed: list[str] = []
+    try:
+        if data_dir.is_symlink():
+            log.warning("not cleaning %s: it is a symbolic link, and nothing outside the checkpoint is deleted", data_dir)
+            return removed
+        for name in storage.list(DATA_DIR):
+            if name not in live:
+                hit("cleanup")
+                storage.delete(name)
+                removed.append(name)
+    except (OSError, CheckpointError) as e:
+        log.warning("cleaning stale data files in %s stopped: %s", storage.root, e)
+    if removed:
+        log.info("removed %d stale data file(s) from %s", len(removed), storage.root)
+    return removed
 
 
 def read_committed_index(storage: LocalStorage) -> CheckpointIndex:

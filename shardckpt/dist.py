@@ -12,7 +12,9 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from shardckpt.errors import RankFailedError
+from shardckpt.errors import CommunicationError, RankFailedError
+from shardckpt.options import collective_timeout_seconds
+from shardckpt.storage.faults import hit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -21,8 +23,9 @@ T = TypeVar("T")
 class Comm:
     """A process group seen as (rank, world size, failure-aware gather)."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, owned: bool = False) -> None:
         self.group = group
+        self.owned = owned  # created by shardckpt (the side group): destroyed by close()
         if group is None:
             self.rank, self.world_size = 0, 1
         else:
@@ -41,12 +44,23 @@ class Comm:
     def is_coordinator(self) -> bool:
         return self.rank == 0
 
-    def all_gather(self, payload: object) -> list[object]:
-        """Gather a JSON-able payload from every rank (plain JSON on the wire, as elsewhere)."""
+    def all_gather(self, payload: object, what: str = "a collective") -> list[object]:
+        """Gather a JSON-able payload from every rank (plain JSON on the wire, as elsewhere).
+
+        A collective that breaks (a peer died, a connection closed, the timeout passed) raises
+        ``CommunicationError``: this rank then cannot know what the others did."""
         if self.group is None:
             return [payload]
         out: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(out, json.dumps(payload), group=self.group)
+        text = json.dumps(payload)
+        try:
+            hit("gather")
+            dist.all_gather_object(out, text, group=self.group)
+        except (RuntimeError, OSError) as e:  # gloo/NCCL failures are RuntimeError subclasses
+            raise CommunicationError(
+                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); a peer process died or the network failed"
+            ) from e
         return [json.loads(s) for s in out if s is not None]
 
     def run(self, what: str, fn: Callable[[], tuple[T, object]]) -> tuple[T, list[object]]:
@@ -56,15 +70,20 @@ class Comm:
         error and the ranks that succeeded raise ``RankFailedError`` naming the failed ranks, so no
         rank goes on into a collective that the failed one will never join.
         """
-        error: Exception | None = None
+        error: BaseException | None = None
         local: T | None = None
         payload: object = None
         try:
             local, payload = fn()
-        except Exception as e:  # noqa: BLE001 - every failure must reach the gather, or peers hang
+        except BaseException as e:  # noqa: BLE001 - every failure (SystemExit too) must reach the gather, or peers hang
             error = e
         mine = {"ok": payload} if error is None else {"error": f"{type(error).__name__}: {error}"}
-        gathered = self.all_gather(mine)
+        try:
+            gathered = self.all_gather(mine, what)
+        except CommunicationError:
+            if error is not None:
+                raise error from None  # this rank's own failure is the cause worth reporting
+            raise
         if error is not None:
             raise error
         failures = {r: str(g["error"]) for r, g in enumerate(gathered) if isinstance(g, dict) and "error" in g}
@@ -82,6 +101,18 @@ class Comm:
         # Local synchronization: only the members create it, so saving over a subgroup does not
         # need ranks outside it to take part (they would never call async_save for it).
         group = dist.new_group(
-            ranks=ranks, backend="gloo", timeout=timedelta(minutes=30), use_local_synchronization=True
+            ranks=ranks, backend="gloo", timeout=timedelta(seconds=collective_timeout_seconds()),
+            use_local_synchronization=True,
         )
-        return Comm(group)
+        return Comm(group, owned=True)
+
+    def close(self) -> None:
+        """Destroy the group if shardckpt created it (best effort: the job may have torn down already)."""
+        group, self.group = self.group, None
+        if group is None or not self.owned:
+            return
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
+        except (RuntimeError, ValueError) as e:
+            log.debug("destroying the side group failed: %s", e)

@@ -43,6 +43,10 @@ class CheckpointIOError(CheckpointError):
     """The operating system refused a read, write, fsync or rename."""
 
 
+class CheckpointInUseError(CheckpointError):
+    """Another job or manager is saving into the same path or root (its lock is held)."""
+
+
 class RankFailedError(CheckpointError):
     """Another rank failed during a collective checkpoint operation.
 
@@ -52,3 +56,11 @@ class RankFailedError(CheckpointError):
     def __init__(self, message: str, failures: dict[int, str]) -> None:
         super().__init__(message)
         self.failures = dict(failures)
+
+
+class CommunicationError(RankFailedError):
+    """A collective itself failed: a peer process died or the connection to it broke. Whether a
+    commit in flight happened is then unknown on this rank, so nothing it may name is deleted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {})

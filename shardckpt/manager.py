@@ -1,37 +1,71 @@
 """CheckpointManager: one directory per step under a root, save policies, retention, restore.
 
-A step exists only once its index is committed (``step-00000100/index.json``). Directories of torn
-saves (crash before the commit) are never listed and are removed by the coordinator when the
-manager starts and after each commit. Retention removes a step by deleting its index first, so a
-crash halfway through a removal leaves a torn directory, never a damaged committed one.
+A step exists only once its index is committed (``step-00000100/index.json``). Listing and
+restoring only read. Garbage (torn saves, steps retention drops) is removed by ``cleanup.collect``
+on the coordinator at the start of each save and in ``close``: moments when this job has no save
+in flight, while it holds the root's lock, so no other job can be saving there either.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import shutil
-import threading
 from pathlib import Path
 
 import torch.distributed as dist
 
+from shardckpt import cleanup
 from shardckpt.api import load, save
 from shardckpt.async_save import SaveHandle
 from shardckpt.async_save import async_save as start_async_save
+from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError, CheckpointIOError, CheckpointNotFoundError, StateMismatchError
-from shardckpt.format.schema import INDEX_NAME
+from shardckpt.errors import (
+    CheckpointError,
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CommunicationError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    RankFailedError,
+    StateMismatchError,
+)
 from shardckpt.options import Compression
+from shardckpt.pipeline.reader import check_files
 from shardckpt.saving import SaveResult
+from shardckpt.storage import LocalStorage
+from shardckpt.storage.lock import PathLock
 
 log = logging.getLogger(__name__)
-_STEP_DIR = re.compile(r"step-(\d{8,})")
+# A failed load of these kinds means the step's bytes are bad: restore may try an older step.
+_DATA_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointIOError)
+
+
+def committed_steps(root: str | Path) -> list[int]:
+    """The committed steps under a manager root, ascending. Reads only; no manager needed."""
+    return sorted(s for s, p in cleanup.step_dirs(Path(root)).items() if cleanup.is_committed(p))
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot load (index unreadable, a data file missing, of the
+    wrong size or header), or None when it is complete. Reads the index and 64 bytes a file."""
+    storage = LocalStorage(path)
+    try:
+        index = read_committed_index(storage)
+        check_files(storage, index, set(range(len(index.files))), str(path))
+    except CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        storage.close()
+    return None
 
 
 class CheckpointManager:
     """Save every ``save_interval`` steps (every call when None), keep the ``keep_last`` newest
-    steps plus every step divisible by ``keep_every`` (all when both are None), restore the latest.
+    steps plus every step divisible by ``keep_every`` (all when both are None), restore the latest
+    complete one.
+
+    One job saves into a root at a time: the first save takes the root's lock (on the coordinator)
+    and a second manager or job saving there gets ``CheckpointInUseError``. ``close()`` gives it back.
 
     Example::
 
@@ -66,27 +100,14 @@ class CheckpointManager:
         self.compression = compression
         self.comm = Comm.for_group(process_group)
         self._pending: tuple[int, SaveHandle] | None = None
-        self._lock = threading.Lock()
-        if self.comm.is_coordinator:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CheckpointIOError(f"cannot create checkpoint root {self.root}: {e.strerror}") from e
-            self._remove_torn(keep=None)
+        self._lock = PathLock(self.root, "CheckpointManager") if self.comm.is_coordinator else None
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for p in self.root.iterdir():
-            m = _STEP_DIR.fullmatch(p.name)
-            if m and (p / INDEX_NAME).is_file():
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return committed_steps(self.root)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -97,23 +118,31 @@ class CheckpointManager:
 
     def save(self, step: int, state: dict[str, object], *, force: bool = False) -> SaveHandle | SaveResult | None:
         """Save ``state`` as ``step`` (collective) unless the interval policy skips it. Async by
-        default: returns the handle once the snapshot is taken; retention runs after the commit."""
+        default: returns the handle once the snapshot is taken. A failure of the previous async
+        save that nobody saw through its handle or ``wait()`` is raised here, on every rank."""
         if step < 0:
             raise StateMismatchError(f"step must be >= 0, not {step}")
         if not force and not self.should_save(step):
             return None
-        self.wait()
+        unseen = self._finish_pending()
+
+        def housekeeping() -> tuple[None, object]:
+            if unseen is not None:
+                raise unseen
+            if self._lock is not None:
+                self._lock.acquire()
+                self._collect()
+            return None, None
+
+        self.comm.run(f"save of step {step} under {self.root}: housekeeping", housekeeping)
         path = self.path_for(step)
         metadata = {"step": step}
         if not self.async_save:
-            result = save(state, path, process_group=self.process_group, compression=self.compression, metadata=metadata)
-            self._after_commit(step)
-            return result
+            return save(state, path, process_group=self.process_group, compression=self.compression, metadata=metadata)
         handle = start_async_save(
             state, path, process_group=self.process_group, compression=self.compression, metadata=metadata
         )
         self._pending = (step, handle)
-        handle.add_done_callback(lambda ok: self._after_commit(step) if ok else None)
         return handle
 
     def wait(self) -> SaveResult | None:
@@ -122,59 +151,94 @@ class CheckpointManager:
         return pending[1].wait() if pending else None
 
     def restore(self, state: dict[str, object], step: int | None = None, *, strict: bool = True) -> int | None:
-        """Load the given step, or the latest committed one, into ``state``; returns the step, or
-        None when there is no checkpoint. Every rank restores the step the coordinator chose."""
-        self.wait()
-        chosen = step if step is not None else self.latest_step()
-        _, choices = self.comm.run(f"restore from {self.root}", lambda: (None, chosen))
-        chosen = choices[0]  # type: ignore[assignment]
-        if chosen is None:
-            return None
-        assert isinstance(chosen, int)
-        if not (self.path_for(chosen) / INDEX_NAME).is_file():
-            raise CheckpointNotFoundError(f"step {chosen} has no committed checkpoint under {self.root}")
-        load(state, self.path_for(chosen), process_group=self.process_group, strict=strict)
-        return chosen
+        """Load ``step``, or else the newest complete step, into ``state``; collective. Returns the
+        step, or None when the root holds no checkpoint at all.
+
+        Without ``step``, a step whose index is unreadable, whose data files are missing or the
+        wrong size, or whose load finds corrupt blocks is skipped (with a warning naming it and the
+        reason) for the next older one; it raises only when no step can be loaded."""
+        unseen = self._finish_pending()
+
+        def choose() -> tuple[None, object]:
+            if unseen is not None:
+                raise unseen
+            if not self.comm.is_coordinator:
+                return None, None
+            if step is not None:
+                reason = incomplete_reason(self.path_for(step)) if step in self.steps() else "not committed"
+                if reason is not None:
+                    raise CheckpointNotFoundError(f"step {step} under {self.root} cannot be restored: {reason}")
+                return None, [step]
+            return None, self._complete_steps()
+
+        _, gathered = self.comm.run(f"restore from {self.root}", choose)
+        candidates = [int(s) for s in gathered[0]]  # type: ignore[attr-defined]
+        for i, chosen in enumerate(candidates):
+            try:
+                load(state, self.path_for(chosen), process_group=self.process_group, strict=strict)
+            except CheckpointError as e:
+                if i + 1 == len(candidates) or not self._agree_to_fall_back(e):
+                    raise
+                if self.comm.is_coordinator:
+                    log.warning("restore: step %d under %s failed to load (%s); trying step %d", chosen, self.root, e,
+                                candidates[i + 1])
+                continue
+            if self.comm.is_coordinator:
+                log.info("restored step %d from %s", chosen, self.root)
+            return chosen
+        return None
 
     def close(self) -> None:
-        """Wait for the save in flight and apply retention."""
-        self.wait()
-
-    def _after_commit(self, step: int) -> None:
-        if not self.comm.is_coordinator:
-            return
+        """Wait for the save in flight, apply retention and give the root's lock back."""
         try:
-            with self._lock:
-                self._retain()
-                self._remove_torn(keep=self._pending[0] if self._pending else None)
-        except (OSError, CheckpointError) as e:  # retention must never fail a committed save
-            log.warning("retention under %s failed: %s", self.root, e)
+            self.wait()
+        finally:
+            if self._lock is not None and self._lock.held:
+                self._collect()
+                self._lock.release()
 
-    def _retain(self) -> None:
+    def _finish_pending(self) -> CheckpointError | None:
+        """Wait for the save in flight; its failure if nobody has seen it (raised by the caller
+        inside a gather, so that every rank raises together)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        seen = pending[1].observed
+        try:
+            pending[1].wait()
+        except CheckpointError as e:
+            if not seen:
+                unseen = CheckpointError(f"the save of step {pending[0]} under {self.root} failed: {e}")
+                unseen.__cause__ = e
+                return unseen
+        return None
+
+    def _collect(self) -> None:
+        try:
+            cleanup.collect(self.root, self.keep_last, self.keep_every)
+        except (OSError, CheckpointError) as e:  # garbage collection must never fail a save
+            log.warning("cleaning up %s failed: %s", self.root, e)
+
+    def _complete_steps(self) -> list[int]:
+        """Committed steps that look loadable, newest first; the others are named in a warning."""
         steps = self.steps()
-        if not steps or (self.keep_last is None and self.keep_every is None):
-            return
-        keep = {steps[-1]}  # the newest committed checkpoint is never deleted
-        if self.keep_last is not None:
-            keep.update(steps[-self.keep_last :])
-        if self.keep_every is not None:
-            keep.update(s for s in steps if s % self.keep_every == 0)
-        for s in steps:
-            if s not in keep:
-                self._delete(self.path_for(s))
-                log.info("retention removed step %d from %s", s, self.root)
+        complete = []
+        for s in reversed(steps):
+            reason = incomplete_reason(self.path_for(s))
+            if reason is None:
+                complete.append(s)
+            else:
+                log.warning("restore: skipping step %d under %s: %s", s, self.root, reason)
+        if steps and not complete:
+            raise IncompleteCheckpointError(
+                f"{self.root}: none of the committed steps {steps} can be restored (see the warnings for each)"
+            )
+        return complete
 
-    def _remove_torn(self, keep: int | None) -> None:
-        if not self.root.is_dir():
-            return
-        for p in self.root.iterdir():
-            m = _STEP_DIR.fullmatch(p.name)
-            if m and p.is_dir() and not (p / INDEX_NAME).exists() and int(m.group(1)) != keep:
-                shutil.rmtree(p, ignore_errors=True)
-                log.info("removed torn save %s", p)
-
-    @staticmethod
-    def _delete(path: Path) -> None:
-        # Uncommit first: a crash from here on leaves a torn directory, which is never listed.
-        (path / INDEX_NAME).unlink(missing_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
+    def _agree_to_fall_back(self, error: CheckpointError) -> bool:
+        """Every rank says whether its load failed for bad bytes (or because another rank failed);
+        the next older step is tried only if all agree, so the ranks never part ways."""
+        if isinstance(error, CommunicationError):
+            return False
+        bad_bytes = isinstance(error, _DATA_ERRORS) or type(error) is RankFailedError
+        return all(bool(v) for v in self.comm.all_gather(bad_bytes, f"restore from {self.root}: falling back"))

@@ -65,3 +65,15 @@ def staging_budget() -> int | None:
     """Host bytes async saves may keep for snapshots (None: as much as a save needs)."""
     raw = os.environ.get("SHARDCKPT_STAGING_BYTES")
     return int(raw) if raw else None
+
+
+def collective_timeout_seconds() -> float:
+    """How long a background collective (the async side group's gathers) waits for a silent peer.
+    A dead peer is usually noticed at once (its connections close); this bounds the rest."""
+    raw = os.environ.get("SHARDCKPT_TIMEOUT_S")
+    return float(raw) if raw else 1800.0
+
+
+def fault_spec() -> tuple[str, str]:
+    """The fault to inject (tests only; ``shardckpt.storage.faults``) and this process's rank."""
+    return os.environ.get("SHARDCKPT_FAULT", ""), os.environ.get("RANK", "0")

@@ -15,17 +15,20 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from shardckpt.codec.checksum import checksum
-from shardckpt.commit import RankResult, build_index, check_replicas, commit_index, remove_stale_files
+from shardckpt.commit import RankResult, publish_index, remove_stale_files
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError
+from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
 from shardckpt.flatten import TensorItem, flatten_state
 from shardckpt.format.schema import DATA_DIR
+from shardckpt.format.values import encode_value
 from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
 from shardckpt.planning.save_plan import RankMeta, SavePlan, WriteItem, plan_save
 from shardckpt.storage import LocalStorage
+from shardckpt.storage.faults import hit
+from shardckpt.storage.lock import PathLock
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -67,8 +70,13 @@ class PreparedSave:
     plan: SavePlan
     items: dict[str, TensorItem]
     check_replicas: bool
-    metadata: Mapping[str, object]
+    metadata: dict[str, object]  # encoded (format.values), ready for the index
+    lock: PathLock | None  # held by the coordinator from planning until the save ends
     started: float = field(default_factory=time.perf_counter)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def prepare_save(
@@ -78,11 +86,26 @@ def prepare_save(
     options: CompressionOptions,
     check_replicas: bool,
     metadata: Mapping[str, object] | None = None,
+    precheck: Callable[[], None] | None = None,
 ) -> PreparedSave:
-    """Flatten the state on every rank, gather the metadata, and plan who writes what."""
+    """Flatten the state on every rank, gather the metadata, and plan who writes what.
+
+    ``precheck`` runs first on every rank inside the failure gather: if it raises anywhere (an
+    earlier async save failed unseen), every rank raises. The coordinator takes the path's lock,
+    so a second job saving into the same path is refused before anything is written."""
     started = time.perf_counter()
+    lock = PathLock(path, "save") if comm.is_coordinator else None
+    encoded_metadata: dict[str, object] = {}
 
     def local() -> tuple[list[TensorItem], object]:
+        nonlocal encoded_metadata
+        if precheck is not None:
+            precheck()
+        hit("flatten")
+        # Encode now: metadata that cannot be stored must fail before any data file exists.
+        encoded_metadata = cast("dict[str, object]", encode_value(dict(metadata or {}), "metadata"))
+        if lock is not None:
+            lock.acquire()
         tensors, values = flatten_state(state, comm.rank)
         meta = {
             "tensors": [t.meta() for t in tensors],
@@ -91,14 +114,19 @@ def prepare_save(
         }
         return tensors, meta
 
-    tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
-    metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
-    save_id = str(metas[0]["save_id"])
-    # Every rank plans from the same gathered metadata with a deterministic function, so a bad
-    # state raises the same error on every rank: no gather is needed to agree on the outcome.
-    plan = plan_save(metas, options.block_bytes)
+    try:
+        tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
+        metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
+        save_id = str(metas[0]["save_id"])
+        # Every rank plans from the same gathered metadata with a deterministic function, so a bad
+        # state raises the same error on every rank: no gather is needed to agree on the outcome.
+        plan = plan_save(metas, options.block_bytes)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
-    return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, metadata or {}, started)
+    return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, encoded_metadata, lock, started)
 
 
 def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
@@ -115,6 +143,7 @@ def stage(
     tensors that are already contiguous are used in place; the blocking save holds the caller."""
     copier = copier or DeviceCopier()
     for w in prep.plan.writes[prep.comm.rank]:
+        hit("stage")
         item = _item_for(prep, w)
         view = source_view(item.local, item.box, w.box).detach()
         if staging is None:
@@ -164,10 +193,17 @@ def write_and_commit(
 ) -> Committed:
     """Write this rank's blocks durably, then let the coordinator commit the index.
 
+    Whether the save is committed is one fact that every rank learns from the commit gather:
+    a rank deletes its data file only when it knows that no index names it (its own write
+    failed, any rank's write failed, or the coordinator reports that it did not publish). When
+    the collective itself breaks, the outcome is unknown and the file stays for the garbage
+    collector. After a publish nothing is deleted but the files the new index does not name.
+
     ``staged`` may still be filling while this runs (a streaming save); ``hashes`` is read only
     after it is exhausted. ``comm`` may differ from ``prep.comm``: a side group when this runs on a
     background thread."""
     storage = LocalStorage(prep.path)
+    name = data_file_name(prep.save_id, comm.rank)
 
     def write() -> tuple[None, object]:
         storage.ensure_dir(DATA_DIR)
@@ -175,7 +211,6 @@ def write_and_commit(
             for sw in staged:  # nothing to write, but drain the stream
                 pass
             return None, {"file": None, "size": 0, "blocks": [], "hashes": hashes}
-        name = data_file_name(prep.save_id, comm.rank)
         out = storage.create(name)
         try:
             out.append(encode_header(prep.save_id, comm.rank))
@@ -183,40 +218,69 @@ def write_and_commit(
             size = out.finish()
         except BaseException:
             out.abort()
-            storage.delete(name)
+            _discard(storage, name)
             raise
-        storage.fsync_dir(DATA_DIR)
+        storage.fsync_dir(DATA_DIR, point="data_dir_fsync")
         return None, {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
 
-    committed = False
-
-    def commit(results: list[RankResult]) -> tuple[None, object]:
-        nonlocal committed
-        if not comm.is_coordinator:
-            return None, None
-        check_replicas(results)
-        index = build_index(prep.save_id, prep.plan, results, prep.metadata)
-        commit_index(storage, index)
-        committed = True
-        remove_stale_files(storage, index)
-        return None, [index.bytes_raw(), index.bytes_stored()]
-
+    what = f"save to {prep.path}"
     try:
-        _, gathered = comm.run(f"save to {prep.path}: writing data", write)
-        results = cast("list[RankResult]", gathered)  # every rank's write() payload
-        _, totals = comm.run(f"save to {prep.path}: committing the index", lambda: commit(results))
-    except CheckpointError:
-        # Every rank raises together and no index names this save: leave no orphaned data. (Not on
-        # a broken connection: then the coordinator may have committed, and the data is live.)
-        if not committed:
-            storage.delete(data_file_name(prep.save_id, comm.rank))
+        _, gathered = comm.run(f"{what}: writing data", write)
+    except CommunicationError:
+        # Only the coordinator knows for sure that it has not committed.
+        if comm.is_coordinator:
+            _discard(storage, name)
         raise
+    except BaseException:
+        _discard(storage, name)  # a write failed somewhere: nobody commits
+        raise
+    results = cast("list[RankResult]", gathered)  # every rank's write() payload
 
-    # The coordinator's commit() payload, [bytes_raw, bytes_stored]; this rank's block records
-    # (write_blocks), of which only the int columns 5 (stored length) and 6 (raw length) are read.
-    raw, stored = cast("list[int]", totals[0])
+    outcome: dict[str, object] = {}
+    error: BaseException | None = None
+    if comm.is_coordinator:
+        outcome, error = publish_index(storage, prep.save_id, prep.plan, results, prep.metadata)
+    try:
+        decided = comm.all_gather(outcome, f"{what}: committing the index")[0]
+    except CommunicationError:
+        if comm.is_coordinator and not outcome["committed"]:
+            _discard(storage, name)
+        raise
+    assert isinstance(decided, dict)
+    if not decided["committed"]:
+        _discard(storage, name)
+        if error is not None and not isinstance(error, Exception):
+            raise error  # SystemExit, KeyboardInterrupt: after the peers know
+        if isinstance(error, CheckpointError):
+            raise error
+        msg = f"{what}: the commit failed on the coordinator (rank 0): {decided['error']}; nothing was published"
+        if comm.is_coordinator:
+            raise CheckpointError(msg) from error
+        raise RankFailedError(msg, {0: str(decided["error"])})
+    if decided["error"] is not None:
+        # Published: the index names intact, fsynced data, so nothing may be deleted. Say what failed.
+        if error is not None and not isinstance(error, Exception):
+            raise error
+        raise CheckpointIOError(
+            f"{what}: the checkpoint was published (index.json is in place and its data is intact), but "
+            f"making it durable failed on the coordinator: {decided['error']}; a power loss could still undo it"
+        ) from error
+    if comm.is_coordinator:
+        remove_stale_files(storage, {str(f) for f in cast("list[str]", outcome["files"])})
+    # The coordinator's [bytes_raw, bytes_stored]; this rank's block records (write_blocks), of
+    # which only the int columns 5 (stored length) and 6 (raw length) are read.
+    raw, stored = cast("list[int]", decided["totals"])
     mine = cast("list[list[int]]", results[comm.rank]["blocks"])
     return Committed(raw, stored, sum(b[6] for b in mine), sum(b[5] for b in mine))
+
+
+def _discard(storage: LocalStorage, name: str) -> None:
+    """Delete this rank's data file of a save that is known not to be committed. Best effort: a
+    failure here must not replace the error that made the save fail."""
+    try:
+        storage.delete(name)
+    except (OSError, CheckpointError) as e:
+        log.warning("could not remove %s/%s of a failed save: %s", storage.root, name, e)
 
 
 def result_of(prep: PreparedSave, done: Committed, stall: float, background: float) -> SaveResult:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shardckpt.errors import CheckpointIOError, IncompleteCheckpointError
+from shardckpt.storage.faults import hit
 
 
 class Storage(Protocol):
@@ -26,7 +27,7 @@ class Storage(Protocol):
 
     def delete(self, name: str) -> None: ...
 
-    def write_atomic(self, name: str, data: bytes) -> None: ...
+    def publish(self, name: str, data: bytes) -> None: ...
 
     def read_all(self, name: str, limit: int) -> bytes: ...
 
@@ -53,6 +54,7 @@ class DataFileWriter:
         view = memoryview(data).cast("B")
         done = 0
         try:
+            hit("write")
             while done < n:
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as e:
@@ -66,6 +68,7 @@ class DataFileWriter:
     def finish(self) -> int:
         """fsync and close; returns the file size. Data is durable when this returns."""
         try:
+            hit("fsync")
             os.fsync(self._fd)
         except OSError as e:
             raise CheckpointIOError(f"fsync of {self.path} failed: {e.strerror}") from e
@@ -112,6 +115,7 @@ class LocalStorage:
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         fd = self._fd(name)
         try:
+            hit("read")
             data = os.pread(fd, length, offset)
         except OSError as e:
             raise CheckpointIOError(f"read of {self.root / name} failed: {e.strerror}") from e
@@ -127,6 +131,7 @@ class LocalStorage:
         fd = self._fd(name)
         done, n = 0, len(buf)
         try:
+            hit("read")
             while done < n:
                 got = os.preadv(fd, [buf[done:]], offset + done)
                 if got == 0:
@@ -156,34 +161,34 @@ class LocalStorage:
 
     def delete(self, name: str) -> None:
         try:
+            hit("delete")
             (self.root / name).unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
             raise CheckpointIOError(f"cannot delete {self.root / name}: {e.strerror}") from e
 
-    def fsync_dir(self, subdir: str = "") -> None:
-        path = self.root / subdir
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-                raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
+    def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None:
+        """Make the entries of ``subdir`` (created files, renames) durable."""
+        _fsync_directory(self.root / subdir, point)
 
-    def write_atomic(self, name: str, data: bytes) -> None:
+    def fsync_parent(self) -> None:
+        """Make this directory's own entry in its parent durable (a new step directory under a root)."""
+        _fsync_directory(self.root.parent, "data_dir_fsync")
+
+    def publish(self, name: str, data: bytes) -> None:
         """Make ``name`` hold ``data`` or leave it as it was: write a temp file, fsync it, rename it
-        over ``name``, fsync the directory. The old file is never removed first."""
+        over ``name``. The old file is never removed first. Once this returns the new file is
+        visible; ``fsync_dir`` then makes the rename durable. Raising means nothing was renamed."""
         final = self.root / name
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
+            hit("index_write")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            hit("rename")
             os.replace(tmp, final)
         except OSError as e:
             try:
@@ -191,7 +196,6 @@ class LocalStorage:
             except OSError:
                 pass
             raise CheckpointIOError(f"cannot commit {final}: {e.strerror}") from e
-        self.fsync_dir(str(final.parent.relative_to(self.root)) if final.parent != self.root else "")
 
     def read_all(self, name: str, limit: int) -> bytes:
         path = self.root / name
@@ -209,3 +213,16 @@ class LocalStorage:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+def _fsync_directory(path: Path, point: str) -> None:
+    try:
+        hit(point)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
+            raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e

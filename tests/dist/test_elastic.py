@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shardckpt
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,4 +40,5 @@ def test_sigkill_elastic_restart_is_bit_identical_then_reshards(tmp_path):
     assert "3 ranks, resumed from step 12" in out
     re = json.loads((tmp_path / "re.json").read_text())
     assert re["world"] == 3 and re["resumed"] == 12
-    assert sorted(os.listdir(tmp_path / "el")) == ["step-00000010", "step-00000012", "step-00000014"]
+    assert shardckpt.committed_steps(tmp_path / "el") == [10, 12, 14]
+    assert sorted(d for d in os.listdir(tmp_path / "el") if d.startswith("step-")) == [f"step-{s:08d}" for s in (10, 12, 14)]

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import shardckpt
+from shardckpt.storage import faults
 from shardckpt.storage.local import DataFileWriter
 
 
 @pytest.fixture(autouse=True)
 def _fresh_savers():
     yield
+    faults.configure("")
     shardckpt.shutdown()
 
 
@@ -48,19 +50,32 @@ def test_in_place_change_after_return_does_not_reach_checkpoint(tmp_path):
     assert handle.done()
 
 
-def test_impossible_path_fails_from_wait_and_next_save(tmp_path):
+def test_impossible_path_fails_at_once(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    handle = shardckpt.async_save(_state(), blocker / "ckpt")
-    with pytest.raises(shardckpt.CheckpointIOError, match="file"):
+    # The coordinator locks the path before anything is staged: a path that cannot exist fails the call.
+    with pytest.raises(shardckpt.CheckpointIOError, match="Not a directory"):
+        shardckpt.async_save(_state(), blocker / "ckpt")
+    shardckpt.async_save(_state(), tmp_path / "ok").wait()
+
+
+def test_background_failure_from_wait_and_next_save(tmp_path):
+    faults.configure("fsync:1:eio")  # the data file's fsync fails on the background thread
+    handle = shardckpt.async_save(_state(), tmp_path / "a")
+    with pytest.raises(shardckpt.CheckpointIOError, match="injected at fsync"):
         handle.wait()
+    assert not (tmp_path / "a" / "index.json").exists() and os.listdir(tmp_path / "a" / "data") == []
     # Seen once through wait(): the next save is not blocked by it.
     shardckpt.async_save(_state(), tmp_path / "ok").wait()
-    # Not seen: the next save call raises it.
-    shardckpt.async_save(_state(), blocker / "again")
+    # Not seen: the next save call raises it, and saves nothing.
+    faults.configure("fsync:1:eio")
+    shardckpt.async_save(_state(), tmp_path / "b")
     with pytest.raises(shardckpt.CheckpointError, match="previous async save"):
         shardckpt.async_save(_state(), tmp_path / "never")
     assert not (tmp_path / "never" / "index.json").exists()
+    # Raised once: the save after that goes through.
+    shardckpt.async_save(_state(), tmp_path / "again").wait()
+    assert (tmp_path / "again" / "index.json").is_file()
 
 
 def test_write_error_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

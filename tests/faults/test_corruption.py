@@ -21,6 +21,8 @@ from shardckpt import (
     MissingKeysError,
     StateMismatchError,
 )
+from shardckpt.storage import faults
+from shardckpt.storage.lock import LOCK_NAME
 from tests.dist.harness import run_ranks
 
 pytestmark = pytest.mark.timeout(120)
@@ -300,9 +302,11 @@ def test_data_file_zeroed(ckpt):
 # --- extra files --------------------------------------------------------------------------------
 
 
-def test_unreferenced_data_file(ckpt):
+def test_unreferenced_data_file_is_an_orphan_not_corruption(ckpt):
     (ckpt / "data" / "leftover-r00003.bin").write_bytes(b"junk")
-    _raises(CorruptCheckpointError, lambda: shardckpt.verify(ckpt), str(ckpt), "leftover-r00003.bin", "not referenced")
+    report = shardckpt.verify(ckpt)  # the checkpoint is whole: an interrupted save left a file beside it
+    assert report.orphans == ("data/leftover-r00003.bin",)
+    assert (ckpt / "data" / "leftover-r00003.bin").exists()  # verify only reads
     _assert_loaded(_load(ckpt))
 
 
@@ -371,7 +375,10 @@ def test_subset_load(ckpt):
 
 
 def _snapshot(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    # The lock file records who saved last; it is not part of the checkpoint.
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != LOCK_NAME
+    }
 
 
 def _assert_intact(path: Path, before: dict[str, bytes]) -> None:
@@ -396,16 +403,39 @@ def test_failed_save_unsupported_dtype(ckpt):
     _assert_intact(ckpt, before)
 
 
-def _fail(*_args, **_kwargs):
-    raise CheckpointIOError("simulated failure: disk full")
+@pytest.fixture
+def inject():
+    yield faults.configure
+    faults.configure("")
 
 
-def test_failed_commit(ckpt, monkeypatch):
-    # The save module looks commit_index up by name; patch it where it is used.
-    monkeypatch.setattr("shardckpt.saving.commit_index", _fail)
+@pytest.mark.parametrize("point", ["index_write", "rename"])
+def test_failed_commit(ckpt, inject, point):
+    inject(f"{point}:1:enospc")
     before = _snapshot(ckpt)
-    _raises(CheckpointIOError, lambda: shardckpt.save(_state(5), ckpt, compression=BLOCKS), "simulated")
+    _raises(CheckpointIOError, lambda: shardckpt.save(_state(5), ckpt, compression=BLOCKS), "No space left")
     _assert_intact(ckpt, before)  # and the failed save left no orphaned data file
+
+
+def test_failure_after_the_rename_deletes_nothing(ckpt, inject):
+    # The rename published the new index: the directory fsync after it fails. The save raises (the
+    # commit may not survive a power loss), but the published index must name intact data.
+    inject("dir_fsync:1:eio")
+    _raises(CheckpointIOError, lambda: shardckpt.save(_state(5), ckpt, compression=BLOCKS), "was published")
+    report = shardckpt.verify(ckpt)
+    # The previous save's data stays: if a power loss undid the rename, the old index would need it.
+    assert len(report.orphans) == 1
+    _assert_loaded(_load(ckpt), seed=5)
+
+
+def test_cleanup_failure_after_commit_does_not_fail_the_save(ckpt, inject):
+    inject("cleanup:1:eio")
+    shardckpt.save(_state(5), ckpt, compression=BLOCKS)
+    report = shardckpt.verify(ckpt)
+    assert len(report.orphans) == 1  # the old data file stayed; reported, not an error
+    _assert_loaded(_load(ckpt), seed=5)
+    shardckpt.save(_state(6), ckpt, compression=BLOCKS)  # the next save removes it
+    assert shardckpt.verify(ckpt).orphans == ()
 
 
 def test_failed_data_write(ckpt, monkeypatch):
@@ -434,20 +464,19 @@ def test_crash_before_commit(ckpt, monkeypatch):
     def crash(*_args, **_kwargs):
         raise Crash
 
-    monkeypatch.setattr("shardckpt.saving.commit_index", crash)
+    monkeypatch.setattr("shardckpt.commit.encode_index", crash)
     index_before = (ckpt / "index.json").read_bytes()
     data_before = {p.name: p.read_bytes() for p in (ckpt / "data").iterdir()}
     with pytest.raises(Crash):
         shardckpt.save(_state(5), ckpt, compression=BLOCKS)
     monkeypatch.undo()
-    # The index and the previous data are untouched; the crashed save's data is an orphan.
+    # The index and the previous data are untouched. Even a BaseException (KeyboardInterrupt,
+    # SystemExit) reaches the point where the save knows nothing was published: no orphan is left.
     assert (ckpt / "index.json").read_bytes() == index_before
-    assert all((ckpt / "data" / n).read_bytes() == b for n, b in data_before.items())
+    assert {p.name: p.read_bytes() for p in (ckpt / "data").iterdir()} == data_before
+    assert shardckpt.verify(ckpt).orphans == ()
     _assert_loaded(_load(ckpt))
-    orphans = sorted(set(os.listdir(ckpt / "data")) - set(data_before))
-    if orphans:  # verify names what an interrupted save left behind; load is not affected
-        _raises(CorruptCheckpointError, lambda: shardckpt.verify(ckpt), str(ckpt), orphans[0])
-    # The next save commits and clears them.
+    # The next save commits.
     shardckpt.save(_state(6), ckpt, compression=BLOCKS)
     shardckpt.verify(ckpt)
     _assert_loaded(_load(ckpt), seed=6)
