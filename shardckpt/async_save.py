@@ -68,7 +68,7 @@ class SaveHandle:
         except CheckpointError:
             self.observed = True
             raise
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001 - a SystemExit on the background thread ends only the save
             self.observed = True
             raise CheckpointError(f"async save to {self.path} failed: {type(e).__name__}: {e}") from e
         self.observed = True
@@ -118,13 +118,23 @@ class AsyncSaver:
         go = threading.Event()
         self.staging.on_block = go.set
         self.committer.submit(self._background, prep, feed, hashes, future, stall, go)
+        self.last = SaveHandle(str(path), future, stall)
         try:
             self._start_snapshot(prep, feed, hashes, stall, t0, lazy, go)
         except BaseException as e:
             feed.put(e)  # the background job must not wait for a snapshot that never comes
             go.set()
+            # The other ranks learn of it in the background's write gather; wait for that, so no
+            # later save here overlaps this one (its lock, its side-group collectives).
+            self.last.observed = True
+            try:
+                self.last.wait()
+            except CheckpointError:
+                pass
+            if isinstance(e, Exception) and not isinstance(e, CheckpointError):
+                raise CheckpointError(f"async save to {path}: the snapshot failed on rank {self.comm.rank}: "
+                                      f"{type(e).__name__}: {e}") from e
             raise
-        self.last = SaveHandle(str(path), future, stall)
         return self.last
 
     def _start_snapshot(

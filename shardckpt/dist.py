@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from shardckpt.errors import CommunicationError, RankFailedError
+from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
 from shardckpt.options import collective_timeout_seconds
 from shardckpt.storage.faults import hit
 
@@ -81,11 +81,11 @@ class Comm:
         try:
             gathered = self.all_gather(mine, what)
         except CommunicationError:
-            if error is not None:
-                raise error from None  # this rank's own failure is the cause worth reporting
+            if error is not None:  # this rank's own failure is the cause worth reporting
+                raise _as_checkpoint_error(error, what, self.rank) from None
             raise
         if error is not None:
-            raise error
+            raise _as_checkpoint_error(error, what, self.rank)
         failures = {r: str(g["error"]) for r, g in enumerate(gathered) if isinstance(g, dict) and "error" in g}
         if failures:
             detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
@@ -116,3 +116,15 @@ class Comm:
                 dist.destroy_process_group(group)
         except (RuntimeError, ValueError) as e:
             log.debug("destroying the side group failed: %s", e)
+
+
+def _as_checkpoint_error(error: BaseException, what: str, rank: int) -> BaseException:
+    """Every failure a user meets is a CheckpointError: an unexpected one (an OSError from a
+    filesystem call outside the storage layer, a bug) is wrapped, naming the phase and the rank.
+    BaseExceptions that are not errors (SystemExit, KeyboardInterrupt) pass through as they are."""
+    if isinstance(error, CheckpointError) or not isinstance(error, Exception):
+        return error
+    kind = CheckpointIOError if isinstance(error, OSError) else CheckpointError
+    wrapped = kind(f"{what} failed on rank {rank}: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
