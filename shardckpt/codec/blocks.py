@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import zstandard
 
+from shardckpt.codec.limits import max_raw_for_stored
 from shardckpt.errors import CorruptCheckpointError
 from shardckpt.format.schema import CODECS
 
@@ -117,6 +118,8 @@ def decode_block(codec: str, payload: bytes | memoryview, out: np.ndarray, items
     """Decode ``payload`` into ``out`` (a writable uint8 array of exactly the raw size).
     Every length is checked before use, so a hostile block cannot make this allocate more than
     ``out`` or read outside ``payload``."""
+    if out.nbytes > max_raw_for_stored(codec, len(payload)):
+        raise CorruptCheckpointError(f"a {codec} block of {len(payload)} bytes cannot decode to {out.nbytes} bytes")
     if codec == "raw":
         if len(payload) != out.nbytes:
             raise CorruptCheckpointError(f"raw block holds {len(payload)} bytes, expected {out.nbytes}")
@@ -136,15 +139,23 @@ def _unzstd(payload: bytes | memoryview, expected: int) -> np.ndarray:
         raise CorruptCheckpointError(f"bad zstd frame: {e}") from e
     if size != expected:
         raise CorruptCheckpointError(f"zstd frame declares {size} bytes, expected {expected}")
-    # Streaming decode: libzstd stops at the declared content size (checked above), so output is
-    # bounded, and unlike decompress() it shows what follows the frame.
     try:
-        dobj = _decompressor().decompressobj()
-        data = dobj.decompress(payload)
+        if expected:
+            # One-shot decode into a buffer of the declared size: libzstd stops with an error when
+            # the frame regenerates more. The streaming decoder does not: with a window smaller
+            # than the declared size it recycles its buffer, and a 2 KiB frame declaring 1 MiB
+            # inflated to 64 MiB before the size check at the end of the frame. Nothing may follow
+            # the frame, not even an empty or a skippable one.
+            data = _decompressor().decompress(payload, allow_extra_data=False)
+        else:
+            # decompress() returns early for a frame that declares 0 bytes, without reading it. The
+            # streaming decoder sizes its buffer to the declared 0 bytes, so it cannot inflate here.
+            dobj = _decompressor().decompressobj()
+            data = dobj.decompress(payload)
+            if dobj.unused_data or not dobj.eof:
+                raise CorruptCheckpointError("zstd block has bytes after its frame, or an unfinished frame")
     except zstandard.ZstdError as e:
         raise CorruptCheckpointError(f"zstd decompression failed: {e}") from e
-    if dobj.unused_data or not dobj.eof:
-        raise CorruptCheckpointError("zstd block has bytes after its frame, or an unfinished frame")
     if len(data) != expected:
         raise CorruptCheckpointError(f"zstd frame decoded to {len(data)} bytes, expected {expected}")
     return np.frombuffer(data, dtype=np.uint8)

@@ -4,6 +4,8 @@ must fail with ``CorruptCheckpointError`` without allocating more than the calle
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 import zstandard
 
 from shardckpt import CorruptCheckpointError
-from shardckpt.codec import CODECS, decode_block, encode_block
+from shardckpt.codec import CODECS, decode_block, encode_block, max_raw_for_stored
 from shardckpt.format.schema import DTYPES
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,6 +49,7 @@ def _round_trip(raw: np.ndarray, dtype_name: str, itemsize: int, codec: str) -> 
     name, payload = encode_block(raw, dtype_name, itemsize, codec, LEVEL)
     stored = bytes(payload)  # what a file read hands back: no aliasing of ``raw``
     assert name in CODECS
+    assert raw.nbytes <= max_raw_for_stored(name, len(stored))
     if name != "planes":  # planes has its own test below (test_planes_never_larger_than_raw)
         assert len(stored) <= raw.nbytes, "an encoded block must never be larger than the raw bytes"
     if name == "raw":
@@ -198,12 +201,23 @@ def test_zstd_truncated_large(zstd_block):
 
 def test_zstd_trailing_bytes_rejected(zstd_block):
     _decode_bounded("zstd", zstd_block + b"trailing garbage", itemsize=1)
+    # Even what a zstd reader would skip: an empty frame, a skippable frame.
+    _decode_bounded("zstd", zstd_block + zstandard.ZstdCompressor().compress(b""), itemsize=1)
+    _decode_bounded("zstd", zstd_block + struct.pack("<II", 0x184D2A50, 3) + b"abc", itemsize=1)
+
+
+def test_zstd_frame_declaring_nothing():
+    empty = zstandard.ZstdCompressor().compress(b"")
+    decode_block("zstd", empty, np.empty(0, dtype=np.uint8), 1)
+    for hostile in (empty + b"trailing", empty[:-1], _rle_frame(0, 512)):
+        _decode_bounded("zstd", hostile, nbytes=0, itemsize=1)
 
 
 def test_zstd_frame_declaring_huge_size():
-    # A frame header that declares 1 TiB of content, followed by one small raw block.
+    # A frame header that declares 1 TiB of content, followed by one small raw block (incompressible
+    # bytes, so that the frame is long enough to pass the expansion bound and reach the header check).
     cobj = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=1 << 40)
-    frame = cobj.compress(b"x" * 100) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    frame = cobj.compress(bytes(range(100))) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
     assert zstandard.frame_content_size(frame) == 1 << 40
     err = _decode_bounded("zstd", frame, itemsize=1)
     assert "declares" in str(err)
@@ -266,6 +280,89 @@ def test_planes_compressed_plane_declaring_huge_size():
     raw_plane = b"\0" * n
     payload = _header(2, [0, 1], [n, len(hostile)]) + raw_plane + hostile
     _decode_bounded("planes", payload)
+
+
+def _rle_frame(declared: int, blocks: int) -> bytes:
+    """A zstd frame built by hand: its header declares ``declared`` content bytes and a 128 KiB
+    window, and each of its ``blocks`` RLE blocks regenerates 128 KiB of zeros from 4 stored bytes
+    (zstd's densest encoding, ~32,000:1). A window smaller than the declared size makes libzstd's
+    streaming decoder reuse its buffer, so only the caller can stop it at the declared size."""
+    header = zstandard.FRAME_HEADER + bytes([0x80, 0x38]) + struct.pack("<I", declared)
+    rle = [struct.pack("<I", (zstandard.BLOCKSIZE_MAX << 3) | 0b010 | last)[:3] + b"\0" for last in (0, 1)]
+    return header + rle[0] * (blocks - 1) + rle[1]
+
+
+def test_rle_frame_is_a_valid_frame():
+    # The bomb below is hostile only in its declared size: declared honestly, it decodes.
+    out = np.full(OUT_BYTES, 0xA5, dtype=np.uint8)
+    decode_block("zstd", _rle_frame(OUT_BYTES, OUT_BYTES // zstandard.BLOCKSIZE_MAX), out, 1)
+    assert not out.any()
+
+
+def test_zstd_bomb_stops_at_the_declared_size():
+    # 2 KiB that declare 1 MiB and hold 64 MiB: decoding must stop at 1 MiB, not inflate it all.
+    bomb = _rle_frame(OUT_BYTES, 512)
+    assert len(bomb) < 4096
+    _decode_bounded("zstd", bomb, itemsize=1)
+
+
+def test_planes_bomb_stops_at_the_declared_size():
+    n = OUT_BYTES // 2
+    bomb = _rle_frame(n, 512)
+    _decode_bounded("planes", _header(2, [0, 1], [n, len(bomb)]) + b"\0" * n + bomb)
+
+
+def test_max_raw_for_stored_holds_for_the_densest_frames():
+    for blocks in (1, 8, 512):
+        frame = _rle_frame(blocks * zstandard.BLOCKSIZE_MAX, blocks)
+        assert blocks * zstandard.BLOCKSIZE_MAX <= max_raw_for_stored("zstd", len(frame))
+    zeros = 16 << 20
+    for level in (1, 19):
+        frame = zstandard.ZstdCompressor(level=level).compress(bytes(zeros))
+        assert zeros <= max_raw_for_stored("zstd", len(frame)) < 1.1 * zeros  # and the bound is nearly tight
+    assert max_raw_for_stored("raw", 123) == 123
+    with pytest.raises(CorruptCheckpointError, match="'lz4'"):
+        max_raw_for_stored("lz4", 123)
+
+
+def test_raw_length_beyond_what_the_block_can_hold():
+    # Rejected before any decoding: 16 stored bytes cannot expand to 1 MiB in any codec.
+    for codec in CODECS:
+        err = _decode_bounded(codec, b"\0" * 16)
+        assert "cannot decode to" in str(err)
+
+
+_RSS_PROBE = r"""
+import re, sys
+import numpy as np
+from shardckpt.codec import decode_block
+from shardckpt.errors import CorruptCheckpointError
+
+def rss_kib(field):
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+bomb = sys.stdin.buffer.read()
+out = np.ones(int(sys.argv[1]), dtype=np.uint8)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size
+before = rss_kib("VmRSS")
+try:
+    decode_block("zstd", bomb, out, 1)
+except CorruptCheckpointError:
+    print(rss_kib("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads peak RSS from /proc")
+def test_zstd_bomb_peak_memory_in_a_fresh_process():
+    # tracemalloc sees only Python's allocator; the peak resident size also counts libzstd's own
+    # buffers. A fresh process, so that nothing else on this one's heap blurs the number.
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(OUT_BYTES)], input=_rle_frame(OUT_BYTES, 512),
+                           capture_output=True, timeout=50)
+    assert probe.returncode == 0, probe.stderr.decode()
+    assert probe.stdout.strip(), "the bomb decoded without an error"
+    grown_kib = int(probe.stdout)
+    assert grown_kib * 1024 < 16 * OUT_BYTES, f"decoding the bomb grew the peak RSS by {grown_kib} KiB"
 
 
 @pytest.mark.parametrize("codec", ["lz4", "", "RAW", "zstd ", "planes\0", "none"])
