@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -105,17 +106,132 @@ def disjoint_cover(boxes: list[Box], target: Box) -> bool:
 
 
 def find_overlap(boxes: list[Box]) -> tuple[int, int] | None:
-    """Indices of two boxes that share an element, or None. Sweep on dim 0 keeps it near-linear
-    for the row bands that ``split_box`` produces."""
-    if not boxes or not boxes[0].sizes:
-        return (0, 1) if len(boxes) > 1 else None
-    order = sorted(range(len(boxes)), key=lambda i: boxes[i].offsets[0])
-    active: list[int] = []
-    for i in order:
-        start = boxes[i].offsets[0]
-        active = [j for j in active if boxes[j].ends[0] > start]
-        for j in active:
-            if boxes[i].intersect(boxes[j]) is not None:
-                return (j, i)
-        active.append(i)
+    """Indices ``(i, j)`` of two boxes that share an element, or None when no two do. Box ``i``
+    starts no later than box ``j`` along dim 0 (on a tie, ``i < j``). A box with a zero size shares
+    no element with anything; 0-d boxes (one element each) all share theirs. All boxes have the
+    same number of dimensions.
+
+    O(n log n) up to two dimensions, whatever the layout. With more, see ``_overlap_in_slabs``.
+
+    >>> find_overlap([Box((0, 0), (2, 4)), Box((2, 0), (2, 4)), Box((3, 3), (1, 2))])
+    (1, 2)
+    """
+    if len(boxes) < 2:
+        return None
+    if not boxes[0].sizes:
+        return (0, 1)
+    lo = [b.offsets for b in boxes]
+    hi = [b.ends for b in boxes]
+    found = _overlap(lo, hi, [i for i, b in enumerate(boxes) if min(b.sizes) > 0], 0)
+    if found is None:
+        return None
+    i, j = found
+    return (i, j) if (lo[i][0], i) < (lo[j][0], j) else (j, i)
+
+
+_Corners = list[tuple[int, ...]]
+
+
+def _overlap(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
+    """Two of the non-empty boxes ``ids`` that overlap along every dimension from ``dim`` on."""
+    if len(ids) < 2:
+        return None
+    if len(lo[ids[0]]) - dim <= 2:
+        return _overlap_by_sweep(lo, hi, ids, dim)
+    return _overlap_in_slabs(lo, hi, ids, dim)
+
+
+def _overlap_by_sweep(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
+    """Sweep along ``dim`` (the next-to-last or the last dimension) in order of start.
+
+    The boxes still open at the sweep position all contain it, so until two of them overlap, their
+    intervals along the next dimension are disjoint: in order of start, their ends ascend too, and
+    the ones that meet a new interval are the last few of those that start before it ends. Checking
+    those from the last, a closed box is dropped for good (no later box can meet it) and an open one
+    is an overlap; each box is kept and dropped once, so the sweep is O(n log n). Past the last
+    dimension every box's interval is the same single point, which makes this a 1-D sweep."""
+    nxt = dim + 1
+    if nxt == len(lo[ids[0]]):
+        a_lo, a_hi = [0] * len(ids), [1] * len(ids)
+    else:
+        a_lo, a_hi = [lo[i][nxt] for i in ids], [hi[i][nxt] for i in ids]
+    # Slot s of ``kept`` is for the box with the s-th lowest start along ``nxt``.
+    slots = sorted(range(len(ids)), key=a_lo.__getitem__)
+    box = [ids[s] for s in slots]
+    a_lo, a_hi = [a_lo[s] for s in slots], [a_hi[s] for s in slots]
+    x_lo, x_hi = [lo[i][dim] for i in box], [hi[i][dim] for i in box]
+    kept = _TakenSlots(len(box))
+    for new in sorted(range(len(box)), key=x_lo.__getitem__):
+        below = bisect.bisect_left(a_lo, a_hi[new])
+        while (s := kept.last_below(below)) is not None and a_hi[s] > a_lo[new]:
+            if x_hi[s] > x_lo[new]:
+                return (box[s], box[new])
+            kept.free(s)
+            below = s
+        kept.take(new)
+    return None
+
+
+class _TakenSlots:
+    """Slots ``0..n-1``, each taken or not; finds the last taken slot below a position in O(log n).
+    A Fenwick tree of counts: a sorted list would do with less code, but its O(n) inserts turn the
+    sweep quadratic when boxes arrive in the wrong order (each new interval left of the others)."""
+
+    def __init__(self, n: int) -> None:
+        self._counts = [0] * (n + 1)  # _counts[i]: how many of slots [i - lowbit(i), i) are taken
+        self._top = 1 << (n.bit_length() - 1) if n else 0
+
+    def take(self, slot: int) -> None:
+        self._add(slot, 1)
+
+    def free(self, slot: int) -> None:
+        self._add(slot, -1)
+
+    def _add(self, slot: int, delta: int) -> None:
+        counts, n = self._counts, len(self._counts)
+        i = slot + 1
+        while i < n:
+            counts[i] += delta
+            i += i & -i
+
+    def last_below(self, pos: int) -> int | None:
+        """The highest taken slot below ``pos``, or None."""
+        counts, n = self._counts, len(self._counts)
+        k, i = 0, pos
+        while i:
+            k += counts[i]
+            i &= i - 1
+        if not k:
+            return None
+        slot, step = 0, self._top  # descend to the k-th taken slot
+        while step:
+            j = slot + step
+            if j < n and counts[j] < k:
+                slot = j
+                k -= counts[j]
+            step >>= 1
+        return slot
+
+
+def _overlap_in_slabs(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
+    """At each start along ``dim``, the boxes open there all contain it, so two of them overlap
+    exactly when they do along the dimensions after ``dim``: look there, one dimension down. Two
+    boxes that overlap are both open at the later of their starts, so none is missed.
+
+    The cost is the number of (box, start inside it along ``dim``) pairs: about n for blocks that
+    tile a tensor, which each contain few other blocks' starts (``split_box`` walks the leading
+    dimensions one index at a time), but up to n^2 for boxes made to span many others' starts in
+    every leading dimension, as a hostile index could. Bounding that too takes range trees."""
+    order = sorted(ids, key=lambda i: lo[i][dim])
+    open_: list[int] = []
+    k = 0
+    while k < len(order):
+        x = lo[order[k]][dim]
+        open_ = [j for j in open_ if hi[j][dim] > x]
+        while k < len(order) and lo[order[k]][dim] == x:
+            open_.append(order[k])
+            k += 1
+        found = _overlap(lo, hi, open_, dim + 1)
+        if found is not None:
+            return found
     return None

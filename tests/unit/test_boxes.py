@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -111,19 +112,101 @@ def test_intersect_matches_brute_force(data, ndim):
         assert b.intersect(a) == inter
 
 
+def _check_overlap_result(bs: list[Box], found: tuple[int, int] | None) -> None:
+    """``found`` against a brute-force count of every element: a pair of boxes sharing an element,
+    the first starting no later along dim 0 (lower index on a tie), or None when none share one."""
+    counts: Counter[tuple[int, ...]] = Counter()
+    for b in bs:
+        counts.update(elements(b))
+    if all(c == 1 for c in counts.values()):
+        assert found is None, f"find_overlap returned {found} for disjoint {bs}"
+        return
+    assert found is not None, f"find_overlap missed an overlap in {bs}"
+    i, j = found
+    assert i != j and elements(bs[i]) & elements(bs[j]), f"find_overlap returned {found} for {bs}"
+    if bs[i].sizes:
+        assert (bs[i].offsets[0], i) < (bs[j].offsets[0], j), f"pair {found} out of order for {bs}"
+    else:
+        assert found == (0, 1)
+
+
 @SETTINGS
-@given(data=st.data(), ndim=st.integers(0, 3), n=st.integers(0, 7))
+@given(data=st.data(), ndim=st.integers(0, 4), n=st.integers(0, 10))
 def test_find_overlap_matches_brute_force(data, ndim, n):
     bs = [data.draw(boxes(ndim, max_offset=8, max_size=4)) for _ in range(n)]
-    sets = [elements(b) for b in bs]
-    clashing = {(i, j) for i, j in itertools.combinations(range(n), 2) if sets[i] & sets[j]}
+    _check_overlap_result(bs, find_overlap(bs))
+
+
+@st.composite
+def tilings(draw, ndim: int) -> list[Box]:
+    """Blocks the way a save lays them out: a grid of writer boxes over a small shape, each split
+    by ``split_box``, in random order; sometimes one extra box (maybe empty) lands among them."""
+    cells = []
+    for size in draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)):
+        cuts = sorted(draw(st.sets(st.integers(1, size - 1))) if size > 1 else set())
+        bounds = [0, *cuts, size]
+        cells.append(list(zip(bounds, bounds[1:])))
+    bs = []
+    for cell in itertools.product(*cells):
+        writer = Box(tuple(lo for lo, _ in cell), tuple(hi - lo for lo, hi in cell))
+        bs += [p.box for p in split_box(writer, 1, draw(st.integers(1, 12)))]
+    bs = draw(st.permutations(bs))
+    if draw(st.booleans()):
+        bs.insert(draw(st.integers(0, len(bs))), draw(boxes(ndim, max_offset=4, max_size=3)))
+    return bs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), ndim=st.integers(1, 4))
+def test_find_overlap_on_block_layouts(data, ndim):
+    bs = data.draw(tilings(ndim))
+    _check_overlap_result(bs, find_overlap(bs))
+
+
+def _row_of_blocks(ndim: int, n: int) -> list[Box]:
+    """``n`` blocks of 7 elements along the last dimension, in one row of the leading ones (in 3-D
+    and up: 100 rows of the next-to-last one), shuffled."""
+    rows = 100 if ndim >= 3 else 1
+    per_row = n // rows
+    bs = []
+    for k in range(n):
+        row, col = divmod(k, per_row)
+        lead = (0,) * (ndim - 2) + (row,) if ndim >= 2 else ()
+        bs.append(Box(lead + (7 * col,), (1,) * (ndim - 1) + (7,)))
+    random.Random(ndim).shuffle(bs)
+    return bs
+
+
+def _insert_overlapping(bs: list[Box], extra: Box) -> None:
+    """``bs`` is disjoint; with ``extra`` in the middle, the pair found must include it."""
+    assert find_overlap(bs) is None
+    at = len(bs) // 2
+    bs.insert(at, extra)
     found = find_overlap(bs)
-    if not clashing:
-        assert found is None
-    else:
-        assert found is not None
-        i, j = found
-        assert i != j and sets[i] & sets[j], f"find_overlap returned {found} for {bs}"
+    assert found is not None and at in found
+    i, j = found
+    assert bs[i].intersect(bs[j]) is not None
+    assert (bs[i].offsets[0], i) < (bs[j].offsets[0], j)
+
+
+# 100,000 blocks that are all open at once in a sweep along dim 0, so that checking each new block
+# against the open ones is quadratic: hours for the old code (8,000 blocks in one row took minutes).
+
+
+@pytest.mark.parametrize("ndim", [2, 3, 5])
+def test_find_overlap_100k_blocks_in_a_row(ndim):
+    bs = _row_of_blocks(ndim, 100_000)
+    first = bs[0]
+    _insert_overlapping(bs, Box(first.offsets[:-1] + (first.offsets[-1] + 3,), first.sizes))
+
+
+def test_find_overlap_100k_staggered_columns():
+    # Column n - k spans rows [k, k + n): each one is open at every later start along dim 0, and
+    # each new one lands left of all the open ones (the worst order for a sorted list of them).
+    n = 100_000
+    bs = [Box((k, n - k), (n, 1)) for k in range(n)]
+    random.Random(0).shuffle(bs)
+    _insert_overlapping(bs, Box((n, n // 3), (1, 2)))  # meets columns n/3 and n/3 + 1 at row n
 
 
 @SETTINGS
