@@ -277,7 +277,6 @@ class AsyncSaver:
             self.committer.shutdown(wait=True)
             self.writers.shutdown(wait=True)
             self.staging.close()
-            self.side.close()
 
 
 def _stream_marker() -> object:

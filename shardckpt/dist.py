@@ -23,9 +23,8 @@ T = TypeVar("T")
 class Comm:
     """A process group seen as (rank, world size, failure-aware gather)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, owned: bool = False) -> None:
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        self.owned = owned  # created by shardckpt (the side group): destroyed by close()
         if group is None:
             self.rank, self.world_size = 0, 1
         else:
@@ -94,28 +93,37 @@ class Comm:
 
     def side_group(self) -> Comm:
         """A separate gloo group for work on background threads: collectives of the training job's
-        own group must not run concurrently from another thread. Collective to create."""
+        own group must not run concurrently from another thread. Collective to create.
+
+        One per job group, kept as long as that group lives and reused by every later saver: a
+        group created over the same ranks gets the same rendezvous name, and a re-created one
+        would read its destroyed predecessor's addresses. ``destroy_process_group()`` frees it."""
         if self.group is None:
             return self
+        cached = _SIDE_GROUPS.get(id(self.group))
+        if cached is not None and cached[0] is self.group and _registered(cached[1]):
+            return Comm(cached[1])
         ranks = dist.get_process_group_ranks(self.group)
         # Local synchronization: only the members create it, so saving over a subgroup does not
         # need ranks outside it to take part (they would never call async_save for it).
-        group = dist.new_group(
+        side = dist.new_group(
             ranks=ranks, backend="gloo", timeout=timedelta(seconds=collective_timeout_seconds()),
             use_local_synchronization=True,
         )
-        return Comm(group, owned=True)
+        _SIDE_GROUPS[id(self.group)] = (self.group, side)
+        return Comm(side)
 
-    def close(self) -> None:
-        """Destroy the group if shardckpt created it (best effort: the job may have torn down already)."""
-        group, self.group = self.group, None
-        if group is None or not self.owned:
-            return
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group(group)
-        except (RuntimeError, ValueError) as e:
-            log.debug("destroying the side group failed: %s", e)
+
+_SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+
+
+def _registered(group: dist.ProcessGroup) -> bool:
+    """False once the group was destroyed (with the job's group, by destroy_process_group)."""
+    try:
+        dist.get_process_group_ranks(group)
+    except (ValueError, RuntimeError):
+        return False
+    return dist.is_initialized()
 
 
 def _as_checkpoint_error(error: BaseException, what: str, rank: int) -> BaseException:

@@ -1,0 +1,89 @@
+"""Durability details: what a failed or finished save may and may not touch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import shardckpt
+from shardckpt.cli import main
+from shardckpt.storage import faults
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def _no_faults():
+    yield
+    faults.configure("")
+    shardckpt.shutdown()
+
+
+def _state(step: int) -> dict[str, object]:
+    return {"w": torch.full((1000,), float(step)), "step": step}
+
+
+def _files(path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != ".shardckpt.lock"}
+
+
+@pytest.mark.parametrize("bad", [{"tags": {1, 2}}, {"tags": {float("nan")}}, {"obj": object()}])
+def test_metadata_that_cannot_be_stored_fails_before_any_file(tmp_path, bad):
+    path = tmp_path / "ckpt"
+    shardckpt.save(_state(1), path)
+    before = _files(path)
+    with pytest.raises(shardckpt.StateMismatchError, match="metadata"):
+        shardckpt.save(_state(2), path, metadata=bad)
+    assert _files(path) == before  # no orphan: the previous checkpoint still verifies clean
+    assert shardckpt.verify(path).orphans == ()
+
+
+def test_stale_cleanup_never_follows_a_symlinked_data_dir(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"not ours")
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "data").symlink_to(outside)
+    shardckpt.save(_state(1), path)
+    shardckpt.save(_state(2), path)  # the first save's file is stale: only it may go
+    assert (outside / "precious.bin").read_bytes() == b"not ours"
+
+
+def test_a_failing_cleanup_does_not_replace_the_real_error(tmp_path):
+    # The data write fails (ENOSPC), and so does deleting the partial file afterwards.
+    faults.configure("write:2:enospc,delete:1:eio")
+    with pytest.raises(shardckpt.CheckpointIOError, match="No space left on device"):
+        shardckpt.save(_state(1), tmp_path / "ckpt")
+
+
+def test_convert_never_overwrites_its_source_or_a_checkpoint_unasked(tmp_path, capsys):
+    src = tmp_path / "src"
+    shardckpt.save(_state(1), src)
+    other = tmp_path / "other"
+    shardckpt.save(_state(2), other)
+    before_src, before_other = _files(src), _files(other)
+    assert main(["convert", str(src), str(src)]) == 2  # in place
+    assert main(["convert", str(src), str(src / "data")]) == 2  # into its own data/
+    assert main(["convert", str(src), str(other)]) == 2  # over another checkpoint
+    err = capsys.readouterr().err
+    assert "is, or is inside, the source" in err and "--overwrite" in err
+    assert _files(src) == before_src and _files(other) == before_other
+    assert main(["convert", str(src), str(other), "--overwrite", "--compression", "none"]) == 0
+    got = _state(0)
+    shardckpt.load(got, other)
+    assert got["step"] == 1
+
+
+def test_verify_reports_orphans_with_exit_code_3(tmp_path, capsys):
+    path = tmp_path / "ckpt"
+    shardckpt.save(_state(1), path)
+    assert main(["verify", str(path)]) == 0
+    (path / "data" / "0123456789abcdef-r00001.bin").write_bytes(b"left by a crashed save")
+    assert main(["verify", str(path)]) == 3
+    out = capsys.readouterr().out
+    assert "warn" in out and "0123456789abcdef-r00001.bin" in out
+    assert os.path.exists(path / "data" / "0123456789abcdef-r00001.bin")
