@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from shardckpt.errors import CorruptCheckpointError, MissingKeysError, StateMism
 from shardckpt.format.schema import DATA_DIR, CheckpointIndex, TensorEntry
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
-from shardckpt.pipeline.reader import check_files, execute_reads, raise_first_failure, read_block
+from shardckpt.pipeline.reader import check_files, execute_reads, read_block, run_bounded
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
@@ -172,8 +173,11 @@ def verify(path: PathLike) -> VerifyReport:
         jobs: list[tuple[TensorEntry, BlockRead]] = []
         for entry in index.tensors:
             jobs.extend((entry, r) for r in plan_reads(entry, Box.full(entry.shape), where))
-        with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-verify") as pool:
-            raise_first_failure([pool.submit(read_block, storage, index, entry, r, where) for entry, r in jobs], where)
+        # Streamed: each decoded block is dropped once checked, so memory holds a few blocks in
+        # flight, not the checkpoint.
+        threads = io_threads()
+        with ThreadPoolExecutor(threads, thread_name_prefix="shardckpt-verify") as pool:
+            run_bounded(pool, (partial(read_block, storage, index, entry, r, where) for entry, r in jobs), 2 * threads, where)
     finally:
         storage.close()
     return VerifyReport(

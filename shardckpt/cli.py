@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,9 +22,11 @@ from pathlib import Path
 import torch
 
 from shardckpt.api import load, read_index, save, verify
-from shardckpt.errors import CheckpointError
+from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from shardckpt.format.values import decode_value
 from shardckpt.manager import committed_steps
+from shardckpt.pipeline.reader import check_files
+from shardckpt.storage import LocalStorage
 
 
 def _mb(n: int) -> str:
@@ -113,6 +116,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
               f"{_mb(result.bytes_stored)} stored")
         return 0
     index = read_index(args.src)
+    # The tensors below are allocated from the index's shapes, which validation bounds by the
+    # declared data file sizes: check that the files really are that large before allocating.
+    storage = LocalStorage(args.src)
+    try:
+        check_files(storage, index, set(range(len(index.files))), args.src)
+    finally:
+        storage.close()
     state: dict[str, object] = {}
     for t in index.tensors:
         if t.rank is not None:
@@ -143,17 +153,25 @@ def _read_foreign(src: str, kind: str) -> dict[str, object]:
     torch.save files are read with weights_only=True.
     """
     if kind == "torch":
-        loaded = torch.load(src, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(src, map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{src}: no such file") from e
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise CorruptCheckpointError(f"{src}: not a torch.save file that loads with weights_only=True: {e}") from e
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{src}: a torch.save file holding {type(loaded).__name__}, not a dict")
         return loaded
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
         metadata = dcp.FileSystemReader(src).read_metadata()
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{src}: not a readable DCP checkpoint: {e}") from e
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{src}: no DCP checkpoint here: {e}") from e
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise CorruptCheckpointError(f"{src}: not a readable DCP checkpoint: {e}") from e
     paths = metadata.planner_data or {}
     state: dict[str, object] = {}
     for key, meta in metadata.state_dict_metadata.items():
@@ -162,7 +180,10 @@ def _read_foreign(src: str, kind: str) -> dict[str, object]:
             _put(state, path, torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
         else:
             _put(state, path, None)  # a pickled object: DCP fills it in
-    dcp.load(state, checkpoint_id=src, no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=src, no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException is a BaseException
+        raise CorruptCheckpointError(f"{src}: reading the DCP checkpoint failed: {type(e).__name__}: {e}") from e
     return state
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.format.schema import PathPart, dtype_name
-from shardckpt.format.values import encode_value
+from shardckpt.format.schema import MAX_PATH_PARTS, PathPart, dtype_name, path_part_problem
+from shardckpt.format.values import MAX_VALUE_DEPTH, encode_value
 from shardckpt.layout import local_view
 from shardckpt.planning.boxes import Box
 
@@ -73,23 +73,66 @@ def join_key(path: tuple[PathPart, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
-def contains_tensors(value: object) -> bool:
-    """Whether a subtree holds anything that is not a plain value (so it must be walked)."""
-    if isinstance(value, torch.Tensor | PerRank) or is_stateful(value):
-        return True
-    if isinstance(value, dict):
-        return any(contains_tensors(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(contains_tensors(v) for v in value)
+# Below this many levels, a subtree can be neither walked (its path would pass MAX_PATH_PARTS) nor
+# stored as one value (deeper than MAX_VALUE_DEPTH): no saveable state or load target nests deeper.
+MAX_NESTING = MAX_PATH_PARTS + MAX_VALUE_DEPTH
+
+
+def _shown_key(key: str) -> str:
+    """``key`` for an error message: a key hundreds of levels deep is cut, not pasted whole."""
+    return key if len(key) <= 200 else f"{key[:200]}..."
+
+
+def contains_tensors(value: object, key: str = "") -> bool:
+    """Whether a subtree holds anything that is not a plain value (so it must be walked).
+
+    Iterative and visiting each container once, so a deep or self-referencing state reaches the
+    checks that name its key instead of exhausting the stack or looping; ``key`` names the subtree
+    when it nests deeper than ``MAX_NESTING``."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    seen: set[int] = set()
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, torch.Tensor | PerRank) or is_stateful(node):
+            return True
+        if isinstance(node, dict | list | tuple) and id(node) not in seen:
+            if depth >= MAX_NESTING:
+                raise StateMismatchError(f"state under key {_shown_key(key)!r} is nested deeper than {MAX_NESTING} levels")
+            seen.add(id(node))
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
     return False
 
 
 def check_part(part: object, path: tuple[PathPart, ...]) -> PathPart:
-    if isinstance(part, bool) or not isinstance(part, str | int):
+    problem = path_part_problem(part)
+    if problem is None and isinstance(part, str | int):
+        return part
+    # An int is not shown: formatting one of over 4300 digits raises.
+    shown = "" if isinstance(part, int) and not isinstance(part, bool) else f"{_shown_key(repr(part))} "
+    raise StateMismatchError(f"state key {shown}under {_shown_key(join_key(path)) or '<root>'!r} {problem}; use another key")
+
+
+def check_depth(path: tuple[PathPart, ...]) -> None:
+    """Paths hold at most MAX_PATH_PARTS parts; a state that goes deeper (or contains itself
+    along a path of tensors) is refused before the walk exhausts the stack."""
+    if len(path) > MAX_PATH_PARTS:
         raise StateMismatchError(
-            f"state key {part!r} under {join_key(path) or '<root>'!r} must be a str or int, not {type(part).__name__}"
+            f"state key {_shown_key(join_key(path))!r} is nested deeper than {MAX_PATH_PARTS} levels (does a "
+            "container hold itself?)"
         )
-    return part
+
+
+def unstorable(tensor: torch.Tensor) -> str | None:
+    """Why the bytes of ``tensor`` cannot be saved or loaded into as one dense box, or None."""
+    if tensor.is_nested:
+        return "a nested tensor; save its components (unbind()) or a padded copy (to_padded_tensor())"
+    if tensor.layout != torch.strided:
+        return f"a sparse tensor ({tensor.layout}); use to_dense()"
+    if tensor.is_meta:
+        return "a meta tensor, which holds no data; materialize it first (e.g. module.to_empty(device=...))"
+    if tensor.is_conj():
+        return "a conjugate view; call resolve_conj() first"
+    return None
 
 
 def flatten_state(state: dict[str, object], rank: int) -> tuple[list[TensorItem], list[ValueItem]]:
@@ -118,6 +161,7 @@ def _walk(
     values: list[ValueItem],
     seen: dict[str, tuple[PathPart, ...]],
 ) -> None:
+    check_depth(path)
     key = join_key(path)
     if isinstance(node, PerRank):
         if per_rank:
@@ -131,7 +175,7 @@ def _walk(
         if not isinstance(sd, dict):
             raise StateMismatchError(f"state_dict() of {type(node).__name__} at key {key!r} returned a non-dict")
         _walk(sd, path, per_rank, rank, tensors, values, seen)
-    elif isinstance(node, dict | list | tuple) and contains_tensors(node) or (not path and isinstance(node, dict)):
+    elif (not path and isinstance(node, dict)) or (isinstance(node, dict | list | tuple) and contains_tensors(node, key)):
         children = node.items() if isinstance(node, dict) else enumerate(node)
         for part, child in children:
             _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen)
@@ -141,12 +185,21 @@ def _walk(
 
 
 def _tensor_item(tensor: torch.Tensor, key: str, path: tuple[PathPart, ...], per_rank: bool, rank: int) -> TensorItem:
+    _check_storable(tensor, key, rank)
     name = dtype_name(tensor.dtype)
     if name is None:
         raise StateMismatchError(f"tensor {key!r} on rank {rank} has unsupported dtype {tensor.dtype}")
     if per_rank:
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        _check_storable(local, key, rank)
         shape = tuple(local.shape)
         return TensorItem(key, path, name, shape, Box.full(shape), local, True, True)
     shape, box, local = local_view(tensor, key, rank)
+    _check_storable(local, key, rank)  # a DTensor's local shard
     return TensorItem(key, path, name, shape, box, local, False, local is tensor)
+
+
+def _check_storable(tensor: torch.Tensor, key: str, rank: int) -> None:
+    reason = unstorable(tensor)
+    if reason is not None:
+        raise StateMismatchError(f"tensor {key!r} on rank {rank} is {reason}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.flatten import PerRank, check_part, contains_tensors, is_stateful, join_key
+from shardckpt.flatten import PerRank, check_depth, check_part, contains_tensors, is_stateful, join_key, unstorable
 from shardckpt.format.schema import CheckpointIndex, PathPart, TensorEntry, ValueEntry, dtype_name
 from shardckpt.format.values import decode_value
 from shardckpt.layout import local_view
@@ -43,6 +43,7 @@ class LoadWalk:
             state[part] = self.fill(child, (check_part(part, ()),), False)
 
     def fill(self, node: object, path: tuple[PathPart, ...], per_rank: bool, optional: bool = False) -> object:
+        check_depth(path)
         key = join_key(path)
         ident = (key, self.rank if per_rank else None)
         if isinstance(node, PerRank):
@@ -62,7 +63,7 @@ class LoadWalk:
             self.statefuls.append((node, filled))
             return node
         value = self.values.get(ident)
-        if value is not None and not contains_tensors(node):
+        if value is not None and not contains_tensors(node, key):
             self.consumed.add(ident)
             return decode_value(value.value, f"{self.where}: value {key!r}")
         if isinstance(node, dict):
@@ -86,11 +87,13 @@ class LoadWalk:
                 self.missing.append(key if ident[1] is None else f"{key} (rank {ident[1]})")
             return
         self.consumed.add(ident)
+        self._check_target(tensor, key)
         if ident[1] is not None:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             shape, box = tuple(local.shape), Box.full(tuple(local.shape))
         else:
             shape, box, local = local_view(tensor, key, self.rank)
+        self._check_target(local, key)  # a DTensor's local shard
         if dtype_name(local.dtype) != entry.dtype or shape != entry.shape:
             raise StateMismatchError(
                 f"{self.where}: tensor {key!r} on rank {self.rank}: the checkpoint holds {entry.dtype}"
@@ -98,6 +101,12 @@ class LoadWalk:
             )
         if box.volume:
             self.requests.append(ReadRequest(entry, box, local, plan_reads(entry, box, self.where)))
+
+    def _check_target(self, tensor: torch.Tensor, key: str) -> None:
+        # A meta target would "load" without error and hold nothing: copies into it do nothing.
+        reason = unstorable(tensor)
+        if reason is not None:
+            raise StateMismatchError(f"{self.where}: cannot load tensor {key!r} on rank {self.rank} into {reason}")
 
     def _materialize(self, filled: dict[str, object], prefix: tuple[PathPart, ...], per_rank: bool) -> None:
         """Entries saved under a stateful object that its current state_dict lacks (a fresh
@@ -113,12 +122,14 @@ class LoadWalk:
                 continue
             self.consumed.add(ident)
             if isinstance(entry, TensorEntry):
-                # Plan first: only a tensor whose blocks really cover it gets memory.
                 full = Box.full(entry.shape)
-                reads = plan_reads(entry, full, self.where) if full.volume else []
-                tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
                 if full.volume:
-                    self.requests.append(ReadRequest(entry, full, tensor, reads))
+                    # Memory comes later: execute_reads sizes the tensor once check_files has seen
+                    # that the data files hold the bytes the index claims (which bound its shape).
+                    tensor = torch.empty(0, dtype=entry.torch_dtype)
+                    self.requests.append(ReadRequest(entry, full, tensor, plan_reads(entry, full, self.where), True))
+                else:
+                    tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)  # no elements, no memory
                 value: object = tensor
             else:
                 value = decode_value(entry.value, f"{self.where}: value {entry.key!r}")

@@ -1,7 +1,14 @@
 """Index encode/decode. Decoding validates every field before anything trusts it.
 
 A hostile index must never cause an unbounded allocation, a path outside the checkpoint, or a
-stray KeyError/TypeError: every check below raises ``IndexFormatError`` naming the field.
+stray KeyError/TypeError: every check below raises ``IndexFormatError`` naming the field (or
+``IncompleteCheckpointError`` for a tensor its blocks do not cover).
+
+What the index declares is bounded by the bytes it points at: blocks are disjoint ranges inside
+their data files, each decodes to at most ``max_raw_for_stored`` raw bytes, and each tensor is
+exactly as large as its blocks. So the raw bytes of all tensors together are at most the sum of
+the declared file sizes times ``ZSTD_MAX_RATIO``, and once a reader has checked the real sizes of
+the data files (``pipeline.reader.check_files``), allocating the declared shapes is safe.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import math
 import re
 from typing import TypeVar
 
-from shardckpt.errors import IndexFormatError
+from shardckpt.codec.limits import max_raw_for_stored
+from shardckpt.errors import IncompleteCheckpointError, IndexFormatError
 from shardckpt.format.schema import (
     CODECS,
     DATA_DIR,
@@ -19,12 +27,14 @@ from shardckpt.format.schema import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    MAX_PATH_PARTS,
     BlockEntry,
     CheckpointIndex,
     FileEntry,
     PathPart,
     TensorEntry,
     ValueEntry,
+    path_part_problem,
 )
 from shardckpt.format.values import decode_value
 
@@ -78,7 +88,10 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
     if len(data) > MAX_INDEX_BYTES:
         raise IndexFormatError(f"{where}: index is {len(data)} bytes, over the {MAX_INDEX_BYTES} limit")
     try:
-        doc = json.loads(data, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        # Strict UTF-8: json.loads(bytes) would also take UTF-16/32, a byte order mark, and UTF-8
+        # encoded surrogates. (UnicodeDecodeError is a ValueError.)
+        text = data.decode("utf-8")
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:
         raise IndexFormatError(f"{where}: index is not valid JSON: {e}") from e
     doc = _typed(doc, dict, where, "index")
@@ -101,6 +114,7 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
     tensors = tuple(_decode_tensor(t, i, files, world_size, where) for i, t in enumerate(_list(doc, "tensors", where)))
     values = tuple(_decode_value_entry(v, i, world_size, where) for i, v in enumerate(_list(doc, "values", where)))
     _check_unique(tensors, values, where)
+    _check_file_ranges(tensors, files, where)
     return CheckpointIndex(save_id, world_size, files, tensors, values, version, dict(metadata))
 
 
@@ -145,11 +159,12 @@ def _decode_file(obj: object, i: int, world_size: int, where: str) -> FileEntry:
 
 def _decode_path(obj: object, where: str, field: str) -> tuple[PathPart, ...]:
     parts = _typed(obj, list, where, field)
-    if not parts or len(parts) > 256:
-        raise IndexFormatError(f"{where}: {field} must have 1 to 256 parts")
-    for p in parts:
-        if not isinstance(p, str | int) or isinstance(p, bool):
-            raise IndexFormatError(f"{where}: {field} parts must be strings or integers")
+    if not parts or len(parts) > MAX_PATH_PARTS:
+        raise IndexFormatError(f"{where}: {field} must have 1 to {MAX_PATH_PARTS} parts")
+    for i, p in enumerate(parts):
+        problem = path_part_problem(p)
+        if problem is not None:
+            raise IndexFormatError(f"{where}: {field}[{i}] {problem}")
     return tuple(parts)
 
 
@@ -175,11 +190,31 @@ def _decode_tensor(
         raise IndexFormatError(f"{at}: unknown dtype {dtype!r}")
     shape = _dims(t.get("shape"), at, "shape")
     itemsize = DTYPES[dtype].itemsize
-    if math.prod(shape) * itemsize > MAX_BYTES:
-        raise IndexFormatError(f"{at}: shape {shape} is too large")
+    # Zero dims count as 1: torch computes the strides of an empty tensor too, and a shape such as
+    # [0, 2**48, 2**48] has no elements but strides that overflow int64.
+    if math.prod(max(d, 1) for d in shape) * itemsize > MAX_BYTES:
+        raise IndexFormatError(f"{at}: shape {list(shape)} is too large")
     rank = _optional_rank(t.get("rank"), world_size, at, "rank")
     blocks = tuple(_decode_block(b, j, shape, itemsize, files, at) for j, b in enumerate(_list(t, "blocks", at)))
+    _check_volume(shape, blocks, at)
     return TensorEntry(key, path, dtype, shape, rank, blocks)
+
+
+def _check_volume(shape: tuple[int, ...], blocks: tuple[BlockEntry, ...], at: str) -> None:
+    """The blocks hold exactly as many elements as the shape, so a tensor is never larger than its
+    stored bytes can decode to. This is O(blocks), with no per-element work; whether the boxes
+    overlap is left to ``plan_reads`` (equal totals with an overlap leave a hole, and it reports
+    the overlap)."""
+    volume = math.prod(shape)
+    covered = sum(math.prod(b.sizes) for b in blocks)
+    if covered < volume:
+        raise IncompleteCheckpointError(
+            f"{at} is incomplete: its blocks hold {covered} of the {volume} elements of shape {list(shape)}"
+        )
+    if covered > volume:
+        raise IndexFormatError(
+            f"{at} has overlapping blocks: they hold {covered} elements for the {volume} of shape {list(shape)}"
+        )
 
 
 def _dims(obj: object, where: str, field: str) -> tuple[int, ...]:
@@ -221,6 +256,10 @@ def _decode_block(
         raise IndexFormatError(f"{at}: blocks[{j}] has unknown codec {codec!r}")
     if codec == "raw" and length != raw_length:
         raise IndexFormatError(f"{at}: raw blocks[{j}] length {length} differs from raw_length {raw_length}")
+    if raw_length > max_raw_for_stored(codec, length):
+        raise IndexFormatError(
+            f"{at}: blocks[{j}] claims {raw_length} raw bytes, more than {length} stored {codec} bytes can decode to"
+        )
     checksum = _typed(b[7], str, at, f"blocks[{j}].checksum")
     if not _CHECKSUM.fullmatch(checksum):
         raise IndexFormatError(f"{at}: blocks[{j}] checksum {checksum!r} is not 16 hex digits")
@@ -250,3 +289,18 @@ def _check_unique(tensors: tuple[TensorEntry, ...], values: tuple[ValueEntry, ..
             suffix = "" if rank is None else f" for rank {rank}"
             raise IndexFormatError(f"{where}: duplicate key {key!r}{suffix}")
         seen.add((key, rank))
+
+
+def _check_file_ranges(tensors: tuple[TensorEntry, ...], files: tuple[FileEntry, ...], where: str) -> None:
+    """No two blocks share a stored byte: otherwise one small payload could stand for any number
+    of tensors (each checksum-valid), and the declared sizes would bound nothing. O(n log n)."""
+    ranges = sorted(
+        (b.file, b.offset, b.offset + b.length, t.key, j)
+        for t in tensors for j, b in enumerate(t.blocks) if b.length
+    )
+    for prev, cur in zip(ranges, ranges[1:]):
+        if cur[0] == prev[0] and cur[1] < prev[2]:
+            raise IndexFormatError(
+                f"{where}: tensor {prev[3]!r} blocks[{prev[4]}] and tensor {cur[3]!r} blocks[{cur[4]}] share bytes "
+                f"[{cur[1]}, {min(prev[2], cur[2])}) of {files[cur[0]].name}"
+            )

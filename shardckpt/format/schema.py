@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,39 @@ CODECS = ("raw", "zstd", "planes")
 
 PathPart = str | int
 JsonValue = object
+
+MAX_PATH_PARTS = 256
+# Every int a checkpoint holds (values, metadata, int path parts) fits a signed or an unsigned
+# 64-bit integer: what a reader in another language can hold without a bignum library.
+MIN_INT = -(1 << 63)
+MAX_INT = (1 << 64) - 1
+# Control characters (C0, DEL, C1) and lone surrogates. A key is printed by ``inspect`` and in
+# every error, and must encode as UTF-8; "\0" also separates a key from its rank in the saver's
+# per-rank item names, so a key holding it could alias another entry.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def int_problem(n: int) -> str | None:
+    """Why ``n`` cannot be stored (outside [MIN_INT, MAX_INT]), or None. Describes the int by its
+    size, never its digits: formatting an int of more than 4300 digits raises ValueError."""
+    if MIN_INT <= n <= MAX_INT:
+        return None
+    return f"is an int {'below -2**63' if n < 0 else 'above 2**64 - 1'} ({n.bit_length()} bits)"
+
+
+def path_part_problem(part: object) -> str | None:
+    """Why ``part`` cannot be a step of a saved path (docs/format.md, section 5), or None.
+
+    >>> path_part_problem(2**64)
+    'is an int above 2**64 - 1 (65 bits)'
+    """
+    if isinstance(part, bool) or not isinstance(part, str | int):
+        return f"must be a str or int, not {type(part).__name__}"
+    if isinstance(part, int):
+        return int_problem(part)
+    if _UNPRINTABLE.search(part):
+        return "contains a control character or a lone surrogate"
+    return None
 
 # The only dtypes a checkpoint may name. Looking names up here (never getattr on torch) keeps a
 # hostile index from reaching arbitrary attributes.

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 from shardckpt.errors import IndexFormatError, StateMismatchError
+from shardckpt.format.schema import int_problem
 
-_MAX_DEPTH = 64
+MAX_VALUE_DEPTH = 64
 
 
 def is_plain_value(value: object) -> bool:
@@ -21,11 +22,19 @@ def is_plain_value(value: object) -> bool:
 
 def encode_value(value: object, key: str, depth: int = 0) -> object:
     """Encode ``value`` into JSON-ready objects; ``key`` names it in errors."""
-    if depth > _MAX_DEPTH:
-        raise StateMismatchError(f"value at key {key!r} is nested deeper than {_MAX_DEPTH} levels")
+    if depth > MAX_VALUE_DEPTH:
+        raise StateMismatchError(
+            f"value at key {key!r} is nested deeper than {MAX_VALUE_DEPTH} levels (or contains itself)"
+        )
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int):
+        problem = int_problem(value)
+        if problem is not None:
+            raise StateMismatchError(
+                f"value at key {key!r} holds an int that {problem}: checkpoints store ints in [-2**63, 2**64) "
+                "so that any reader can hold them (store a larger one as a str)"
+            )
         return int(value)
     if isinstance(value, float):
         if math.isfinite(value):
@@ -48,8 +57,11 @@ def encode_value(value: object, key: str, depth: int = 0) -> object:
 
 def decode_value(obj: object, where: str, depth: int = 0) -> object:
     """Inverse of ``encode_value``; raises ``IndexFormatError`` on anything it did not write."""
-    if depth > _MAX_DEPTH:
-        raise IndexFormatError(f"{where}: value nested deeper than {_MAX_DEPTH} levels")
+    if depth > MAX_VALUE_DEPTH:
+        raise IndexFormatError(f"{where}: value nested deeper than {MAX_VALUE_DEPTH} levels")
+    problem = int_problem(obj) if isinstance(obj, int) else None
+    if problem is not None:
+        raise IndexFormatError(f"{where}: value holds an int that {problem}")
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     if isinstance(obj, list):

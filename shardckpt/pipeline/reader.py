@@ -7,9 +7,10 @@ target it covers. Reads and decodes of different blocks run in parallel.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -30,8 +31,11 @@ T = TypeVar("T")
 class ReadRequest:
     entry: TensorEntry
     needed: Box
-    target: torch.Tensor  # holds exactly ``needed``
+    target: torch.Tensor  # holds exactly ``needed`` (once allocated)
     reads: list[BlockRead]
+    # The target is an empty tensor that execute_reads resizes to ``needed``: a tensor created from
+    # the index's word alone gets memory only after check_files (see execute_reads).
+    allocate: bool = False
 
 
 def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int], where: str) -> None:
@@ -89,6 +93,13 @@ def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry
 def execute_reads(
     storage: LocalStorage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
 ) -> None:
+    """Fill every request's target. Call it after ``check_files`` for the files the requests read:
+    the targets it allocates are as large as the index says, which validation bounds by the
+    declared file sizes, and only check_files makes those the real ones."""
+    for req in requests:
+        if req.allocate:
+            req.target.resize_(req.needed.sizes)
+            req.allocate = False
     futures = [pool.submit(_read_into, storage, index, req, read, where) for req in requests for read in req.reads]
     raise_first_failure(futures, where)
 
@@ -100,10 +111,38 @@ def raise_first_failure(futures: list[Future[T]], where: str) -> list[T]:
     for f in futures:
         exc = f.exception()
         if exc is not None:
-            if isinstance(exc, CheckpointError):
-                raise exc
-            raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
+            _reraise(exc, where)
     return [f.result() for f in futures]
+
+
+def run_bounded(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], object]], limit: int, where: str) -> None:
+    """Run ``jobs`` with at most ``limit`` submitted at a time, dropping each result as it
+    completes, so memory stays bounded however many jobs there are (``verify`` decodes every block
+    of a checkpoint). At the first failure nothing more is submitted; the jobs in flight are waited
+    for (none may still touch a file being closed) and the failure is raised as a CheckpointError."""
+    pending: set[Future[object]] = set()
+    failure: BaseException | None = None
+    todo = iter(jobs)
+    while True:
+        while failure is None and len(pending) < limit:
+            job = next(todo, None)
+            if job is None:
+                break
+            pending.add(pool.submit(job))
+        if not pending:
+            break
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for f in done:
+            if failure is None:
+                failure = f.exception()
+    if failure is not None:
+        _reraise(failure, where)
+
+
+def _reraise(exc: BaseException, where: str) -> NoReturn:
+    if isinstance(exc, CheckpointError):
+        raise exc
+    raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
 
 
 def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:

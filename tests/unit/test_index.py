@@ -157,13 +157,14 @@ def _json_round_trip(value: object) -> object:
     return decode_value(stored, "here")
 
 
+ints = st.integers(-(2**63), 2**64 - 1)  # what a checkpoint stores; larger ones are refused
 scalars = (
-    st.none() | st.booleans() | st.integers() | st.integers(-(2**80), 2**80) | st.text(max_size=8)
+    st.none() | st.booleans() | ints | st.sampled_from([-(2**63), 2**64 - 1]) | st.text(max_size=8)
     | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from(["$float", "$tuple", "$dict", "$x", "nan"])
 )
 keys = (
-    st.integers() | st.text(max_size=6) | st.sampled_from(["$float", "$tuple", "$dict", "$", "inf"]) | st.booleans()
-    | st.none() | st.floats(allow_nan=False) | st.tuples(st.integers(), st.text(max_size=3))
+    ints | st.text(max_size=6) | st.sampled_from(["$float", "$tuple", "$dict", "$", "inf"]) | st.booleans()
+    | st.none() | st.floats(allow_nan=False) | st.tuples(ints, st.text(max_size=3))
 )
 values = st.recursive(
     scalars,
@@ -200,7 +201,8 @@ def test_typed_values_round_trip(value):
         float("-inf"),
         -0.0,
         {"betas": (0.9, 0.999), "state": {0: {"step": 10, "eps": float("nan")}}},
-        10**30,
+        2**64 - 1,
+        -(2**63),
     ],
     ids=repr,
 )
@@ -211,7 +213,7 @@ def test_typed_values_examples(value):
 @pytest.mark.parametrize(
     "bad",
     [{1, 2}, frozenset(), object(), b"bytes", bytearray(b"x"), 1j, torch.device("cpu"), [1, {"a": {3}}],
-     {(1, b"x"): 1}],
+     {(1, b"x"): 1}, 10**30, -(2**63) - 1, {2**64: 1}],
     ids=lambda v: type(v).__name__,
 )
 def test_unsupported_values_raise_state_mismatch(bad):
