@@ -103,3 +103,48 @@ def side_group_worker(rank: int, world_size: int, root: str) -> list[int]:
 
 def test_side_groups_are_made_once_per_group_and_reused(tmp_path):
     assert run_ranks(2, side_group_worker, str(tmp_path), timeout=90) == [[2, 2, 2, 2, 4]] * 2
+
+
+def replica_hash_worker(rank: int, world_size: int, path: str) -> str:
+    import shardckpt.saving
+
+    if rank == 1:  # hashing a replica fails on one rank (on a GPU: a device error in the copy)
+        def broken(_data: object) -> str:
+            raise RuntimeError("device-side assert triggered")
+
+        shardckpt.saving.checksum = broken  # type: ignore[assignment]
+    return _outcome(lambda: shardckpt.save({"w": torch.ones(64)}, path))
+
+
+def test_replica_hashing_failing_on_one_rank_raises_on_every_rank(tmp_path):
+    outcomes = run_ranks(2, replica_hash_worker, str(tmp_path / "c"), timeout=60)
+    assert outcomes == ["RankFailedError", "CheckpointError"], outcomes
+    assert not (tmp_path / "c" / "index.json").exists()
+
+
+def stuck_peer_worker(rank: int, world_size: int, path: str) -> tuple[str, float]:
+    import os
+    import time
+
+    import shardckpt.saving
+
+    os.environ["SHARDCKPT_TIMEOUT_S"] = "3"  # read when the side group is made
+    if rank == 1:  # rank 1's disk stalls for 10 s in the middle of its write
+        real = shardckpt.saving.write_blocks
+
+        def stalled(*args: object, **kwargs: object) -> object:
+            time.sleep(10)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        shardckpt.saving.write_blocks = stalled  # type: ignore[assignment]
+    t0 = time.monotonic()
+    handle = shardckpt.async_save({"r": shardckpt.PerRank(torch.ones(64) * rank)}, path)
+    outcome = _outcome(lambda: handle.wait(timeout=60))
+    return outcome, time.monotonic() - t0
+
+
+def test_a_stuck_peer_times_out_after_shardckpt_timeout_s(tmp_path):
+    (o0, t0), (o1, _) = run_ranks(2, stuck_peer_worker, str(tmp_path / "c"), timeout=90)
+    assert o0 == "CommunicationError" and t0 < 8, (o0, t0)  # after 3 s, not the stall, nor 30 minutes
+    assert o1 != "ok"
+    assert not (tmp_path / "c" / "index.json").exists()
