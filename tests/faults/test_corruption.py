@@ -24,21 +24,13 @@ from shardckpt import (
 from shardckpt.storage import faults
 from shardckpt.storage.lock import LOCK_NAME
 from tests.dist.harness import run_ranks
+from tests.stateful import Holder
 
 pytestmark = pytest.mark.timeout(120)
 
 BLOCKS = shardckpt.CompressionOptions(block_bytes=16 << 10)
 
 
-class Holder:
-    def __init__(self, state: dict[str, object]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, object]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.state = state
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

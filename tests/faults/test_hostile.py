@@ -19,19 +19,11 @@ import torch
 import shardckpt
 from shardckpt import CheckpointError, CorruptCheckpointError, PerRank, StateMismatchError
 from shardckpt.cli import main as cli
+from tests.stateful import Holder
 
 pytestmark = pytest.mark.timeout(180)
 
 
-class Holder:
-    def __init__(self, state: dict[str, object]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, object]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.state = state
 
 
 # --- D: states that cannot be saved -------------------------------------------------------------

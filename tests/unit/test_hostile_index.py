@@ -24,21 +24,11 @@ import shardckpt
 from shardckpt import CheckpointError, IncompleteCheckpointError, IndexFormatError, errors
 from shardckpt.cli import main as cli
 from shardckpt.codec.limits import ZSTD_MAX_RATIO
+from tests.stateful import Holder
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Holder:
-    """A stateful object: entries saved under it that its state_dict lacks are created on load."""
-
-    def __init__(self, state: dict[str, object]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, object]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.state = state
 
 
 W = (torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64) / 1000).to(torch.bfloat16)

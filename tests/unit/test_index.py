@@ -31,21 +31,11 @@ from shardckpt import (
 from shardckpt.format.index_json import decode_index, encode_index
 from shardckpt.format.schema import BlockEntry, CheckpointIndex, FileEntry, TensorEntry, ValueEntry
 from shardckpt.format.values import decode_value, encode_value
+from tests.stateful import Holder
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Holder:
-    """A stateful object (state_dict / load_state_dict), like an optimizer or a scheduler."""
-
-    def __init__(self, state: dict[str, object]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, object]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self.state = state
 
 
 W = (torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64) / 1000).to(torch.bfloat16)
