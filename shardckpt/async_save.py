@@ -75,6 +75,20 @@ class SaveHandle:
         return result
 
 
+def unseen_failure(handle: SaveHandle, what: str) -> CheckpointError | None:
+    """Wait for ``handle``; return its failure, naming ``what``, if nobody has seen it through
+    ``wait()`` yet. The caller raises it inside a gather, so that every rank raises together."""
+    seen = handle.observed
+    try:
+        handle.wait()
+    except CheckpointError as e:
+        if not seen:
+            unseen = CheckpointError(f"{what} failed: {e}")
+            unseen.__cause__ = e
+            return unseen
+    return None
+
+
 class AsyncSaver:
     def __init__(self, comm: Comm, budget_bytes: int | None) -> None:
         self.comm = comm
@@ -251,17 +265,7 @@ class AsyncSaver:
     def _wait_previous(self) -> CheckpointError | None:
         """Wait for the save in flight; return its failure if nobody has seen it yet."""
         last, self.last = self.last, None
-        if last is None:
-            return None
-        seen = last.observed
-        try:
-            last.wait()
-        except CheckpointError as e:
-            if not seen:
-                unseen = CheckpointError(f"the previous async save to {last.path} failed: {e}")
-                unseen.__cause__ = e
-                return unseen
-        return None
+        return unseen_failure(last, f"the previous async save to {last.path}") if last is not None else None
 
     def drain(self) -> None:
         """Wait for the save in flight; raise its failure if nobody has seen it yet (this rank only:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from shardckpt import cleanup
 from shardckpt.api import load, save
-from shardckpt.async_save import SaveHandle
+from shardckpt.async_save import SaveHandle, unseen_failure
 from shardckpt.async_save import async_save as start_async_save
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
@@ -203,15 +203,7 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        seen = pending[1].observed
-        try:
-            pending[1].wait()
-        except CheckpointError as e:
-            if not seen:
-                unseen = CheckpointError(f"the save of step {pending[0]} under {self.root} failed: {e}")
-                unseen.__cause__ = e
-                return unseen
-        return None
+        return unseen_failure(pending[1], f"the save of step {pending[0]} under {self.root}")
 
     def _collect(self) -> None:
         try:
