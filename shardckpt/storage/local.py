@@ -1,19 +1,39 @@
-"""Local filesystem storage with real durability: fsync of files and directories, atomic rename."""
+"""Local filesystem storage with real durability: fsync of files and directories, atomic rename.
+
+A checkpoint is a directory of regular files, and nothing in it is followed anywhere else. Every
+file and subdirectory inside is opened relative to the checkpoint directory's descriptor, one
+component at a time with ``O_NOFOLLOW``, so a symbolic link inside (a data file, ``index.json``,
+``data/`` itself) is refused for reads and writes alike: a read is never redirected to a file
+outside, a save never writes outside. Only the checkpoint directory itself is resolved like any
+path, since ``latest -> step-100`` is common. Files are opened with ``O_NONBLOCK`` and checked with
+``fstat`` before any byte is read, so a FIFO, socket or device where a file belongs is refused at
+once instead of blocking the open or the read forever.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Protocol
 
-from shardckpt.errors import CheckpointIOError, IncompleteCheckpointError
+from shardckpt.errors import CheckpointError, CheckpointIOError, CorruptCheckpointError, IncompleteCheckpointError
 from shardckpt.storage.faults import hit
 
 
 class Storage(Protocol):
+    """Where a checkpoint's files live; ``name`` is a path relative to ``root`` (``data/x.bin``).
+
+    Reads of a missing file raise ``IncompleteCheckpointError`` (``read_all``: ``FileNotFoundError``,
+    which the index reader turns into ``CheckpointNotFoundError``); any other OS failure is a
+    ``CheckpointIOError``; a file that is a link or not a regular file is a ``CorruptCheckpointError``
+    when read and a ``CheckpointIOError`` when written."""
+
     root: Path
+
+    def ensure_dir(self, subdir: str = "") -> None: ...
 
     def create(self, name: str) -> DataFileWriter: ...
 
@@ -27,21 +47,26 @@ class Storage(Protocol):
 
     def delete(self, name: str) -> None: ...
 
+    def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None: ...
+
+    def fsync_parent(self) -> None: ...
+
     def publish(self, name: str, data: bytes) -> None: ...
 
     def read_all(self, name: str, limit: int) -> bytes: ...
 
+    def close(self) -> None: ...
+
 
 class DataFileWriter:
     """One data file written by many threads: offsets are reserved under a lock, the bytes are
-    written with pwrite outside it, so encoders never wait for each other's I/O."""
+    written with pwrite outside it, so encoders never wait for each other's I/O.
 
-    def __init__(self, path: Path) -> None:
+    Owns ``fd``, an open, writable regular file (``LocalStorage.create`` opens it)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as e:
-            raise CheckpointIOError(f"cannot create {path}: {e.strerror}") from e
+        self._fd = fd
         self._end = 0
         self._lock = threading.Lock()
 
@@ -61,10 +86,6 @@ class DataFileWriter:
             raise CheckpointIOError(f"write to {self.path} failed: {e.strerror}") from e
         return offset
 
-    @property
-    def size(self) -> int:
-        return self._end
-
     def finish(self) -> int:
         """fsync and close; returns the file size. Data is durable when this returns."""
         try:
@@ -82,21 +103,41 @@ class DataFileWriter:
             os.close(fd)
 
 
+# How each kind of access reports a link or a non-regular file: a checkpoint that holds one is
+# corrupt when read; a save that meets one refuses to write through it.
+_Access = tuple[type[CheckpointError], str]
+_READ: _Access = (CorruptCheckpointError, "replace it with the real file, or use another checkpoint")
+_WRITE: _Access = (CheckpointIOError, "remove it or save to another directory; nothing was written through it")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO must not wait for a writer (or reader); fstat then refuses it.
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 class LocalStorage:
+    """A checkpoint directory on a local or shared POSIX filesystem (see the module docstring for
+    what is refused). Read descriptors are cached per file until ``close``."""
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def ensure_dir(self, subdir: str = "") -> None:
-        path = self.root / subdir
+        """Create ``subdir`` (and the root) if missing; refuse one that is a link or not a directory."""
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.close(self._open_dir(subdir, _WRITE, create=True))
         except OSError as e:
-            raise CheckpointIOError(f"cannot create directory {path}: {e.strerror}") from e
+            raise CheckpointIOError(f"cannot create directory {self.root / subdir}: {e.strerror}") from e
 
     def create(self, name: str) -> DataFileWriter:
-        return DataFileWriter(self.root / name)
+        """Create (or truncate) ``name`` for writing."""
+        try:
+            fd = self._open_file(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _WRITE)
+        except OSError as e:
+            raise CheckpointIOError(f"cannot create {self.root / name}: {e.strerror}") from e
+        return DataFileWriter(self.root / name, fd)
 
     def _fd(self, name: str) -> int:
         with self._lock:
@@ -104,7 +145,7 @@ class LocalStorage:
             if fd is None:
                 path = self.root / name
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = self._open_file(name, os.O_RDONLY, _READ)
                 except FileNotFoundError as e:
                     raise IncompleteCheckpointError(f"data file {path} is missing") from e
                 except OSError as e:
@@ -143,26 +184,40 @@ class LocalStorage:
             raise CheckpointIOError(f"read of {self.root / name} failed: {e.strerror}") from e
 
     def size(self, name: str) -> int:
+        """The size of ``name``, from the descriptor later reads use (so both see the same file)."""
+        fd = self._fd(name)
         try:
-            return (self.root / name).stat().st_size
-        except FileNotFoundError as e:
-            raise IncompleteCheckpointError(f"data file {self.root / name} is missing") from e
+            return os.fstat(fd).st_size
         except OSError as e:
             raise CheckpointIOError(f"cannot stat {self.root / name}: {e.strerror}") from e
 
     def list(self, subdir: str) -> list[str]:
+        """The regular files directly in ``subdir`` (links and others are not listed); [] if it is missing."""
         path = self.root / subdir
         try:
-            return sorted(f"{subdir}/{p.name}" for p in path.iterdir() if p.is_file())
+            fd = self._open_dir(subdir, _READ)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise CheckpointIOError(f"cannot list {path}: {e.strerror}") from e
+        try:
+            with os.scandir(fd) as entries:  # scandir works on its own duplicate of fd
+                return sorted(f"{subdir}/{e.name}" for e in entries if e.is_file(follow_symlinks=False))
+        except OSError as e:
+            raise CheckpointIOError(f"cannot list {path}: {e.strerror}") from e
+        finally:
+            os.close(fd)
 
     def delete(self, name: str) -> None:
+        """Remove ``name`` (a link is removed itself, never its target); a missing file is no error."""
+        leaf = self._leaf(name, _WRITE)
         try:
             hit("delete")
-            (self.root / name).unlink()
+            parent = self._open_dir(os.path.dirname(name), _WRITE)
+            try:
+                os.unlink(leaf, dir_fd=parent)
+            finally:
+                os.close(parent)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -170,43 +225,78 @@ class LocalStorage:
 
     def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None:
         """Make the entries of ``subdir`` (created files, renames) durable."""
-        _fsync_directory(self.root / subdir, point)
+        path = self.root / subdir
+        try:
+            hit(point)
+            fd = self._open_dir(subdir, _WRITE)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
+                raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
 
     def fsync_parent(self) -> None:
         """Make this directory's own entry in its parent durable (a new step directory under a root)."""
-        _fsync_directory(self.root.parent, "data_dir_fsync")
+        path = self.root.parent
+        try:
+            hit("data_dir_fsync")
+            fd = os.open(path, _DIR_FLAGS)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
 
     def publish(self, name: str, data: bytes) -> None:
         """Make ``name`` hold ``data`` or leave it as it was: write a temp file, fsync it, rename it
         over ``name``. The old file is never removed first. Once this returns the new file is
         visible; ``fsync_dir`` then makes the rename durable. Raising means nothing was renamed."""
         final = self.root / name
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        leaf = self._leaf(name, _WRITE)
+        # Predictable, so the open must not follow a link planted under this name.
+        tmp = f".{leaf}.tmp-{os.getpid()}-{threading.get_ident()}"
+        parent = -1
         try:
+            parent = self._open_dir(os.path.dirname(name), _WRITE)
             hit("index_write")
-            with open(tmp, "wb") as f:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            fd = self._open_in(parent, tmp, final.with_name(tmp), flags, _WRITE, perms=0o666)  # as open() would
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             hit("rename")
-            os.replace(tmp, final)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise CheckpointIOError(f"cannot commit {final}: {e.strerror}") from e
+            os.replace(tmp, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+        except (OSError, CheckpointIOError) as e:
+            if parent >= 0:
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except OSError:
+                    pass
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            raise CheckpointIOError(f"cannot commit {final}: {reason}") from e
+        finally:
+            if parent >= 0:
+                os.close(parent)
 
     def read_all(self, name: str, limit: int) -> bytes:
+        """Up to ``limit + 1`` bytes of ``name`` (one more than allowed, so the caller sees "too large")."""
         path = self.root / name
         try:
-            with open(path, "rb") as f:
-                data = f.read(limit + 1)
+            fd = self._open_file(name, os.O_RDONLY, _READ)
         except FileNotFoundError:
             raise  # the caller turns a missing index into CheckpointNotFoundError
         except OSError as e:
             raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
-        return data
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return f.read(limit + 1)
+        except OSError as e:
+            raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
 
     def close(self) -> None:
         with self._lock:
@@ -214,15 +304,97 @@ class LocalStorage:
         for fd in fds.values():
             os.close(fd)
 
+    # --- opening without following links --------------------------------------------------------
 
-def _fsync_directory(path: Path, point: str) -> None:
-    try:
-        hit(point)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    def _parts(self, relative: str, access: _Access) -> tuple[str, ...]:
+        parts = tuple(relative.split("/")) if relative else ()
+        if any(p in ("", ".", "..") for p in parts):
+            raise access[0](f"{self.root / relative}: not a plain path inside the checkpoint")
+        return parts
+
+    def _leaf(self, name: str, access: _Access) -> str:
+        parts = self._parts(name, access)
+        if not parts:
+            raise access[0](f"{self.root}: a file name is needed, not the checkpoint directory")
+        return parts[-1]
+
+    def _open_dir(self, subdir: str, access: _Access, create: bool = False) -> int:
+        """A descriptor of ``root/subdir``. The root is resolved like any path (it may be a link);
+        every component after it must be a real directory (``create``: made if missing).
+        Raises ``OSError`` as the system does (``FileNotFoundError``: something is missing)."""
+        parts = self._parts(subdir, access)
+        fd = os.open(self.root, _DIR_FLAGS)
+        path = self.root
         try:
-            os.fsync(fd)
-        finally:
+            for part in parts:
+                path = path / part
+                if create:
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                    except FileExistsError:
+                        pass  # a directory, or something the open below refuses
+                try:
+                    sub = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                except OSError as e:
+                    _refuse(fd, part, path, True, access, e)
+                    raise
+                os.close(fd)
+                fd = sub
+        except BaseException:
             os.close(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-            raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
+            raise
+        return fd
+
+    def _open_file(self, name: str, flags: int, access: _Access) -> int:
+        """A blocking descriptor of the regular file ``root/name``, opened with ``flags``."""
+        leaf = self._leaf(name, access)
+        parent = self._open_dir(os.path.dirname(name), access)
+        try:
+            return self._open_in(parent, leaf, self.root / name, flags, access)
+        finally:
+            os.close(parent)
+
+    @staticmethod
+    def _open_in(parent: int, leaf: str, path: Path, flags: int, access: _Access, perms: int = 0o644) -> int:
+        """``_open_file`` within the directory ``parent``; ``perms`` for a file it creates."""
+        try:
+            fd = os.open(leaf, flags | _FILE_FLAGS, perms, dir_fd=parent)
+        except OSError as e:
+            _refuse(parent, leaf, path, False, access, e)
+            raise
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise access[0](f"{path} is not a regular file ({_kind(mode)}); a checkpoint holds only regular "
+                                f"files: {access[1]}")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _refuse(parent: int, leaf: str, path: Path, want_dir: bool, access: _Access, cause: OSError) -> None:
+    """After an open of ``leaf`` failed with ``cause``: raise the access's error when ``leaf`` is a
+    link or not what a checkpoint holds there (ELOOP, ENOTDIR, ENXIO, EISDIR say so only vaguely).
+    Returns when it is not, for the caller to raise ``cause``."""
+    try:
+        mode = os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode
+    except OSError:
+        return
+    error, advice = access
+    if stat.S_ISLNK(mode):
+        raise error(f"{path} is a symbolic link; a checkpoint never contains links (only the checkpoint "
+                    f"directory itself may be one): {advice}") from cause
+    if want_dir and not stat.S_ISDIR(mode):
+        raise error(f"{path} is not a directory ({_kind(mode)}): {advice}") from cause
+    if not want_dir and not stat.S_ISREG(mode):
+        raise error(f"{path} is not a regular file ({_kind(mode)}); a checkpoint holds only regular files: "
+                    f"{advice}") from cause
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISLNK, "a symbolic link"))
+    return next((name for test, name in kinds if test(mode)), f"file type {stat.S_IFMT(mode):#o}")

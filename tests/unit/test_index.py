@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 import shardckpt
 from shardckpt import (
     CheckpointError,
-    CheckpointIOError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     IndexFormatError,
@@ -568,7 +567,7 @@ def test_empty_index_file(ckpt):
 def test_index_is_a_directory(ckpt):
     (ckpt / "index.json").unlink()
     (ckpt / "index.json").mkdir()
-    _check_rejected(ckpt, CheckpointIOError)
+    _check_rejected(ckpt, CorruptCheckpointError)  # "not a regular file (a directory)"
 
 
 # Indexes that parse but point at the wrong data: read_index may accept them, but load and verify
