@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 import shardckpt
 from tests.dist.harness import run_ranks
-from tests.dist.states import SPECS, expected, local_expected, place, same_bits
+from tests.dist.states import expected, local_expected, place, same_bits
 
 KEYS = ["plain_bf16", "big", "dt_s0", "dt_s1", "dt_big", "dt_tiny", "mesh2d_ss"]
 
 
-def async_save_worker(rank: int, world_size: int, path: str) -> list[float]:
+def async_save_worker(rank: int, world_size: int, path: str) -> list[tuple[float, float, float, float, bool]]:
+    """Per save: (its stall, the wall time of the async_save call, the result's stall and total
+    seconds, whether the previous save was done when the call returned)."""
     state: dict[str, object] = {k: place(k, expected(k), world_size, 0) for k in KEYS}
     state["step"] = 11
-    stalls = []
+    handles, calls, previous_done = [], [], []
     for i in range(3):  # back to back into one directory: each waits for the previous
+        t0 = time.perf_counter()
         handle = shardckpt.async_save(state, path, compression=shardckpt.CompressionOptions(block_bytes=32 << 10))
-        stalls.append(handle.stall_seconds)
+        calls.append(time.perf_counter() - t0)
+        previous_done.append(handles[-1].done() if handles else True)
+        handles.append(handle)
     for k in KEYS:  # the optimizer step after the call returned
         t = state[k]
         local = t.to_local() if hasattr(t, "to_local") else t
         local.add_(1)
-    result = handle.wait()
-    assert result.world_size == world_size
+    results = [h.wait() for h in handles]
+    assert all(r.world_size == world_size for r in results)
     shardckpt.shutdown()
-    return stalls
+    return [(h.stall_seconds, call, r.stall_seconds, r.total_seconds, done)
+            for h, call, r, done in zip(handles, calls, results, previous_done)]
 
 
 def load_worker(rank: int, world_size: int, path: str) -> list[str]:
@@ -38,7 +46,15 @@ def load_worker(rank: int, world_size: int, path: str) -> list[str]:
 
 def test_async_save_at_3_loads_at_2_and_4(tmp_path):
     path = str(tmp_path / "ckpt")
-    run_ranks(3, async_save_worker, path)
+    for rank, saves in enumerate(run_ranks(3, async_save_worker, path)):
+        for i, (stall, call, result_stall, total, previous_done) in enumerate(saves):
+            where = f"rank {rank}, save {i}: {saves}"
+            # The stall is the caller's time inside async_save: measured, and never the background's.
+            assert 0 < stall <= call, where
+            assert result_stall == stall, where
+            assert previous_done, where  # back-pressure: a save starts once the previous one ended
+        stall, _, _, total, _ = saves[0]
+        assert stall < total, f"rank {rank}: the first save's stall covers its whole save: {saves}"
     shardckpt.verify(path)
     assert run_ranks(2, load_worker, path) == [[], []]
     assert run_ranks(4, load_worker, path) == [[], [], [], []]

@@ -169,8 +169,21 @@ def test_two_jobs_saving_one_path_the_second_is_refused(tmp_path):
     assert target["step"] == 1  # the refused saves touched nothing
 
 
-@pytest.mark.parametrize("damage", ["missing file", "truncated file", "flipped byte", "garbled index"])
-def test_restore_falls_back_to_the_newest_complete_step(tmp_path, caplog, damage):
+@pytest.mark.parametrize(
+    ("damage", "error", "cause"),
+    [
+        # Found before reading (restore's completeness check): the step "cannot be restored".
+        ("missing file", shardckpt.CheckpointNotFoundError, "step 3 under .* cannot be restored: IncompleteCheckpointError: "
+         "data file .*step-00000003/data/.* is missing"),
+        ("truncated file", shardckpt.CheckpointNotFoundError, "step 3 under .* cannot be restored: CorruptCheckpointError: "
+         r".*is \d+ bytes, the index says \d+ \(truncated\)"),
+        # Found only by the load's checksums.
+        ("flipped byte", shardckpt.CorruptCheckpointError, "step-00000003: checksum mismatch in data/"),
+        ("garbled index", shardckpt.CheckpointNotFoundError, "step 3 under .* cannot be restored: IndexFormatError: "
+         ".*index is not valid JSON"),
+    ],
+)
+def test_restore_falls_back_to_the_newest_complete_step(tmp_path, caplog, damage, error, cause):
     m = CheckpointManager(tmp_path, async_save=False)
     for s in (1, 2, 3):
         m.save(s, _state(s))
@@ -193,7 +206,7 @@ def test_restore_falls_back_to_the_newest_complete_step(tmp_path, caplog, damage
     assert target["step"] == 2 and float(target["w"][0, 0]) == 2.0
     assert "step 3" in caplog.text
     assert newest.exists()  # restore reads only: the damaged step is left for a person to look at
-    with pytest.raises(shardckpt.CheckpointError):
+    with pytest.raises(error, match=cause):
         m.restore(target, step=3)  # a step asked for by number is never swapped for another
 
 
