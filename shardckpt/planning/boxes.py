@@ -95,16 +95,6 @@ def _ravel(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
     return flat
 
 
-def disjoint_cover(boxes: list[Box], target: Box) -> bool:
-    """True when ``boxes`` (assumed pairwise disjoint) cover every element of ``target``."""
-    covered = 0
-    for b in boxes:
-        inter = b.intersect(target)
-        if inter is not None:
-            covered += inter.volume
-    return covered == target.volume
-
-
 def find_overlap(boxes: list[Box]) -> tuple[int, int] | None:
     """Indices ``(i, j)`` of two boxes that share an element, or None when no two do. Box ``i``
     starts no later than box ``j`` along dim 0 (on a tie, ``i < j``). A box with a zero size shares

@@ -9,12 +9,12 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardckpt import IncompleteCheckpointError, IndexFormatError, ReplicaMismatchError, StateMismatchError
 from shardckpt.format.schema import DTYPES, BlockEntry, TensorEntry
-from shardckpt.planning.boxes import Box, disjoint_cover, find_overlap, split_box
+from shardckpt.planning.boxes import Box, find_overlap, split_box
 from shardckpt.planning.load_plan import plan_reads
 from shardckpt.planning.save_plan import plan_save
 
@@ -92,7 +92,7 @@ def test_split_box_zero_dim_and_empty():
     assert split_box(Box((3, 0), (5, 0)), 4, 1024) == []
 
 
-# --- intersect, find_overlap, disjoint_cover ----------------------------------------------------
+# --- intersect, find_overlap --------------------------------------------------------------------
 
 
 @SETTINGS
@@ -207,28 +207,6 @@ def test_find_overlap_100k_staggered_columns():
     bs = [Box((k, n - k), (n, 1)) for k in range(n)]
     random.Random(0).shuffle(bs)
     _insert_overlapping(bs, Box((n, n // 3), (1, 2)))  # meets columns n/3 and n/3 + 1 at row n
-
-
-@SETTINGS
-@given(data=st.data(), ndim=st.integers(0, 3))
-def test_disjoint_cover_matches_brute_force(data, ndim):
-    whole = data.draw(boxes(ndim, max_size=6))
-    pieces = split_box(whole, data.draw(st.sampled_from([1, 4])), data.draw(st.integers(1, 40)))
-    kept = [p.box for p in pieces if data.draw(st.booleans())]
-    target = data.draw(boxes(ndim, max_offset=6, max_size=6))
-    union = set().union(*(elements(b) for b in kept)) if kept else set()
-    assert disjoint_cover(kept, target) == (elements(target) <= union)
-
-
-@SETTINGS
-@given(data=st.data(), ndim=st.integers(1, 3), n=st.integers(0, 5))
-def test_disjoint_cover_random_disjoint_boxes(data, ndim, n):
-    bs = [data.draw(boxes(ndim, max_offset=6, max_size=3)) for _ in range(n)]
-    sets = [elements(b) for b in bs]
-    assume(all(not (sets[i] & sets[j]) for i, j in itertools.combinations(range(n), 2)))
-    target = data.draw(boxes(ndim, max_offset=6, max_size=4))
-    union = set().union(*sets) if sets else set()
-    assert disjoint_cover(bs, target) == (elements(target) <= union)
 
 
 # --- plan_save ----------------------------------------------------------------------------------
