@@ -294,7 +294,9 @@ class LocalStorage:
             raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
         try:
             with os.fdopen(fd, "rb") as f:
-                return f.read(limit + 1)
+                # Read what the file holds, never a buffer of ``limit`` bytes: f.read(n) reserves n
+                # bytes first, and a 1 GiB reservation for a 300-byte index fails under a memory cap.
+                return f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
         except OSError as e:
             raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
 
