@@ -90,3 +90,24 @@ def test_verify_reports_orphans_with_exit_code_3(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "warn" in out and "0123456789abcdef-r00001.bin" in out
     assert os.path.exists(path / "data" / "0123456789abcdef-r00001.bin")
+
+
+def test_the_root_and_step_directory_are_fsynced_before_the_index_is_published(tmp_path, monkeypatch):
+    # A new step directory's entry lives in the manager root: without an fsync of the root before
+    # the commit, a power loss could drop the whole step after the save returned.
+    root = tmp_path / "root"
+    index = root / "step-00000001" / "index.json"
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), index.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    m = shardckpt.CheckpointManager(root, async_save=False)
+    m.save(1, _state(1))
+    m.close()
+    before_commit = {path for path, published in synced if not published}
+    assert str(root) in before_commit and str(root / "step-00000001") in before_commit
+    assert (str(root / "step-00000001"), True) in synced  # and the rename itself, after it
