@@ -217,3 +217,33 @@ def test_cuda_snapshot_uses_pinned_staging_and_side_stream(tmp_path):
     got = {"w": torch.empty(2048, 2048, device="cuda"), "step": 0}
     shardckpt.load(got, tmp_path / "gpu")
     assert torch.equal(got["w"].cpu(), want)
+
+
+def test_a_new_staging_budget_never_reaches_the_save_in_flight(tmp_path, monkeypatch):
+    import time
+
+    import shardckpt.saving
+    from shardckpt.pipeline.staging import StagingPool
+
+    seen: list[int | None] = []
+    real_release = StagingPool.release
+
+    def recording_release(self, buf):
+        seen.append(self.budget)  # the budget the in-flight save's buffers go back under
+        return real_release(self, buf)
+
+    real_write_blocks = shardckpt.saving.write_blocks
+
+    def slow_write_blocks(*args, **kwargs):
+        time.sleep(0.5)  # the first save is still writing when the second call comes
+        return real_write_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(StagingPool, "release", recording_release)
+    monkeypatch.setattr(shardckpt.saving, "write_blocks", slow_write_blocks)
+    first = shardckpt.async_save(_state(1), tmp_path / "a")
+    second = shardckpt.async_save(_state(2), tmp_path / "b", staging_budget_bytes=64 << 10)
+    first.wait()
+    n_first = len(seen)
+    second.wait()
+    assert n_first > 0 and set(seen[:n_first]) == {None}, seen  # the first save kept its (unbounded) pool
+    assert set(seen[n_first:]) == {64 << 10}
