@@ -132,6 +132,11 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.acquire()
                 self._collect()
+                if self.path_for(step).is_symlink():  # garbage collection never follows one either
+                    raise CheckpointIOError(
+                        f"{self.path_for(step)} is a symbolic link: a step directory is never followed out of "
+                        f"the root {self.root}; remove the link"
+                    )
             return None, None
 
         self.comm.run(f"save of step {step} under {self.root}: housekeeping", housekeeping)

@@ -264,3 +264,16 @@ def test_publish_never_writes_through_a_planted_temp_link(tmp_path):
     assert victim.read_bytes() == b"not ours"
     assert (path / "index.json").read_bytes() == before and not (path / "index.json").is_symlink()
     _verify(path)
+
+
+def test_manager_never_saves_through_a_symlinked_step_directory(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    m = shardckpt.CheckpointManager(root, async_save=False)
+    m.save(1, {"w": torch.ones(4)})
+    (root / "step-00000002").symlink_to(outside)  # planted where the next step will go
+    with pytest.raises(shardckpt.CheckpointIOError, match="symbolic link"):
+        m.save(2, {"w": torch.ones(4)})
+    m.close()
+    assert list(outside.iterdir()) == [] and m.steps() == [1]
