@@ -189,8 +189,15 @@ def _read_foreign(src: str, kind: str) -> dict[str, object]:
 
 def _put(root: dict[str, object], path: tuple[str | int, ...], value: object) -> None:
     node = root
-    for part in path[:-1]:
-        node = node.setdefault(part, {})  # type: ignore[assignment, arg-type]
+    for i, part in enumerate(path):
+        last = i + 1 == len(path)
+        if not isinstance(node, dict) or (part in node and isinstance(node[part], dict) == last):
+            # Two entries where one's path is a prefix of the other's ("a" and "a/b"): no state
+            # holds both, so the source is inconsistent.
+            raise CorruptCheckpointError(f"convert: entries {'/'.join(map(str, path))!r} and "
+                                         f"{'/'.join(map(str, path[: i + 1]))!r} cannot both exist in one state")
+        if i + 1 < len(path):
+            node = node.setdefault(part, {})  # type: ignore[assignment, arg-type]
     node[path[-1]] = value  # type: ignore[index]
 
 

@@ -72,3 +72,16 @@ def test_convert_from_dcp_and_torch_save(tmp_path):
     shardckpt.load(got2, tmp_path / "b")
     assert torch.equal(got2["w"], state["model"]["w"]) and got2["n"] == 2
     assert main(["convert", "--from", "dcp", str(tmp_path / "nowhere"), str(tmp_path / "c")]) == 2
+
+
+def test_convert_of_a_source_whose_paths_clash_is_a_clear_error():
+    # A source (a torch.save dict, a hostile index) may name "a" and "a/b": no state holds both.
+    import pytest
+
+    from shardckpt.cli import _put
+
+    for first, second in ((("a",), ("a", "b")), (("a", "b"), ("a",)), (("a", "b"), ("a", "b", "c"))):
+        state: dict[str, object] = {}
+        _put(state, first, 1)
+        with pytest.raises(shardckpt.CorruptCheckpointError, match="cannot both exist"):
+            _put(state, second, 2)
