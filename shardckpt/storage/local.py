@@ -16,6 +16,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -225,31 +226,12 @@ class LocalStorage:
 
     def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None:
         """Make the entries of ``subdir`` (created files, renames) durable."""
-        path = self.root / subdir
-        try:
-            hit(point)
-            fd = self._open_dir(subdir, _WRITE)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-                raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
+        _fsync_directory(self.root / subdir, point, lambda: self._open_dir(subdir, _WRITE))
 
     def fsync_parent(self) -> None:
         """Make this directory's own entry in its parent durable (a new step directory under a root)."""
-        path = self.root.parent
-        try:
-            hit("data_dir_fsync")
-            fd = os.open(path, _DIR_FLAGS)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
+        parent = self.root.parent
+        _fsync_directory(parent, "data_dir_fsync", lambda: os.open(parent, _DIR_FLAGS))
 
     def publish(self, name: str, data: bytes) -> None:
         """Make ``name`` hold ``data`` or leave it as it was: write a temp file, fsync it, rename it
@@ -400,3 +382,16 @@ def _kind(mode: int) -> str:
              (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
              (stat.S_ISLNK, "a symbolic link"))
     return next((name for test, name in kinds if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
+
+
+def _fsync_directory(path: Path, point: str, open_dir: Callable[[], int]) -> None:
+    try:
+        hit(point)
+        fd = open_dir()
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
+            raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
