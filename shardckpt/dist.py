@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
-from shardckpt.options import collective_timeout_seconds
+from shardckpt.options import collective_timeout_seconds, restarts_share_the_store
 from shardckpt.storage.faults import hit
 
 log = logging.getLogger(__name__)
@@ -23,8 +27,9 @@ T = TypeVar("T")
 class Comm:
     """A process group seen as (rank, world size, failure-aware gather)."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, side: dist.ProcessGroupGloo | None = None) -> None:
         self.group = group
+        self._side = side  # set on a side group: gathers then run over it, not over ``group``
         if group is None:
             self.rank, self.world_size = 0, 1
         else:
@@ -36,6 +41,7 @@ class Comm:
         if process_group is not None:
             return Comm(process_group)
         if dist.is_available() and dist.is_initialized():
+            warn_if_restarts_share_the_store()
             return Comm(dist.group.WORLD)
         return Comm(None)
 
@@ -54,11 +60,14 @@ class Comm:
         text = json.dumps(payload)
         try:
             hit("gather")
-            dist.all_gather_object(out, text, group=self.group)
+            if self._side is not None:
+                out = [b.decode() for b in _gather_bytes(self._side, text.encode())]
+            else:
+                dist.all_gather_object(out, text, group=self.group)
         except (RuntimeError, OSError) as e:  # gloo/NCCL failures are RuntimeError subclasses
             raise CommunicationError(
-                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); a peer process died or the network failed"
+                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({_first_line(e)}); "
+                "a peer process died or the network failed"
             ) from e
         return [json.loads(s) for s in out if s is not None]
 
@@ -95,35 +104,89 @@ class Comm:
         """A separate gloo group for work on background threads: collectives of the training job's
         own group must not run concurrently from another thread. Collective to create.
 
-        One per job group, kept as long as that group lives and reused by every later saver: a
-        group created over the same ranks gets the same rendezvous name, and a re-created one
-        would read its destroyed predecessor's addresses. ``destroy_process_group()`` frees it."""
-        if self.group is None:
+        One per job group, kept as long as that group lives and reused by every later saver.
+        Its rendezvous keys live under a prefix that rank 0 draws at random and shares over the
+        job group, so they can never meet keys an earlier attempt left in the same store: under
+        torchrun, whose store outlives a restart, a group named as ``new_group`` names it (the same
+        name in every attempt) can read the dead attempt's addresses and fail or hang."""
+        if self.group is None or self._side is not None:
             return self
         cached = _SIDE_GROUPS.get(id(self.group))
-        if cached is not None and cached[0] is self.group and _registered(cached[1]):
-            return Comm(cached[1])
-        ranks = dist.get_process_group_ranks(self.group)
-        # Local synchronization: only the members create it, so saving over a subgroup does not
-        # need ranks outside it to take part (they would never call async_save for it).
-        side = dist.new_group(
-            ranks=ranks, backend="gloo", timeout=timedelta(seconds=collective_timeout_seconds()),
-            use_local_synchronization=True,
-        )
+        if cached is not None and cached[0] is self.group and _registered(self.group):
+            return Comm(self.group, side=cached[1])
+        _forget_destroyed_groups()
+        nonce = self.all_gather(secrets.token_hex(8) if self.rank == 0 else None, "creating the side group")[0]
+        store = dist.PrefixStore(f"shardckpt/side/{nonce}/", c10d._get_process_group_store(self.group))
+        try:
+            side = dist.ProcessGroupGloo(
+                store, self.rank, self.world_size, timedelta(seconds=collective_timeout_seconds())
+            )
+        except RuntimeError as e:
+            raise CommunicationError(
+                f"creating the side group: rank {self.rank} could not connect to the other ranks ({_first_line(e)})"
+            ) from e
         _SIDE_GROUPS[id(self.group)] = (self.group, side)
-        return Comm(side)
+        return Comm(self.group, side=side)
 
 
-_SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}
+# job group id -> (job group, its side group); the job group is kept so that its id is not reused.
+_SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
+
+
+def _forget_destroyed_groups() -> None:
+    for key, (group, _side) in list(_SIDE_GROUPS.items()):
+        if not _registered(group):
+            del _SIDE_GROUPS[key]
 
 
 def _registered(group: dist.ProcessGroup) -> bool:
-    """False once the group was destroyed (with the job's group, by destroy_process_group)."""
+    """False once the group was destroyed (by destroy_process_group)."""
+    if not dist.is_initialized():
+        return False
     try:
         dist.get_process_group_ranks(group)
     except (ValueError, RuntimeError):
         return False
-    return dist.is_initialized()
+    return True
+
+
+def _gather_bytes(side: dist.ProcessGroupGloo, data: bytes) -> list[bytes]:
+    """All-gather of byte strings over a bare gloo group: the lengths, then padded buffers."""
+    world = side.size()
+    length = torch.tensor([len(data)], dtype=torch.int64)
+    lengths = [torch.empty(1, dtype=torch.int64) for _ in range(world)]
+    side.allgather([lengths], [length]).wait()  # type: ignore[attr-defined]  # not in the stubs
+    sizes = [int(n.item()) for n in lengths]
+    mine = torch.zeros(max(sizes), dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    out = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(world)]
+    side.allgather([out], [mine]).wait()  # type: ignore[attr-defined]
+    return [bytes(t[:n].numpy()) for t, n in zip(out, sizes)]
+
+
+_WARNED = False
+
+
+def warn_if_restarts_share_the_store() -> None:
+    """Warn once when torchrun restarts workers over its shared rendezvous store: torch's own
+    ``init_process_group`` then may read the previous attempt's addresses after a restart and fail
+    or hang (pytorch/pytorch#135712). shardckpt's groups are immune; the job's own group is not."""
+    global _WARNED
+    if _WARNED or not restarts_share_the_store():
+        return
+    _WARNED = True
+    warnings.warn(
+        "torchrun shares its rendezvous store with the workers and may restart them: after a restart, "
+        "init_process_group can read the dead attempt's addresses and fail or hang (pytorch/pytorch#135712). "
+        "Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment.",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else repr(e)
 
 
 def _as_checkpoint_error(error: BaseException, what: str, rank: int) -> BaseException:

@@ -74,6 +74,13 @@ def collective_timeout_seconds() -> float:
     return float(raw) if raw else 1800.0
 
 
+def restarts_share_the_store() -> bool:
+    """True when torchrun may restart this worker and shares its rendezvous store with it (torch's
+    default; ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment turns it off)."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return shared and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+
+
 def fault_spec() -> tuple[str, str]:
     """The fault to inject (tests only; ``shardckpt.storage.faults``) and this process's rank."""
     return os.environ.get("SHARDCKPT_FAULT", ""), os.environ.get("RANK", "0")

@@ -83,26 +83,29 @@ def test_restore_of_a_missing_step_raises_on_every_rank(tmp_path):
     assert outcomes == [["CheckpointNotFoundError", "1"], ["RankFailedError", "1"]], outcomes
 
 
-def side_group_worker(rank: int, world_size: int, root: str) -> list[int]:
+def side_group_worker(rank: int, world_size: int, root: str) -> list[object]:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    counts = []
+    from shardckpt.dist import _SIDE_GROUPS
+
+    sides = []
     for i in range(4):
         shardckpt.async_save({"w": torch.ones(8)}, f"{root}/{i}").wait(timeout=60)
         shardckpt.shutdown()
-        counts.append(len(c10d._world.pg_map))  # the job's group and one side group, not one per saver
+        sides.append(id(_SIDE_GROUPS[id(dist.group.WORLD)][1]))
     # A subgroup's side group too, over and over.
     sub = dist.new_group(ranks=[0, 1], use_local_synchronization=True)
     for i in range(3):
         shardckpt.async_save({"w": torch.ones(8)}, f"{root}/s{i}", process_group=sub).wait(timeout=60)
         shardckpt.shutdown(sub)
-    counts.append(len(c10d._world.pg_map))
-    return counts
+        sides.append(id(_SIDE_GROUPS[id(sub)][1]))
+    # One side group per job group, none registered with torch (its keys live under a fresh prefix).
+    return [len(set(sides[:4])), len(set(sides[4:])), sides[0] != sides[4], len(_SIDE_GROUPS), len(c10d._world.pg_map)]
 
 
 def test_side_groups_are_made_once_per_group_and_reused(tmp_path):
-    assert run_ranks(2, side_group_worker, str(tmp_path), timeout=90) == [[2, 2, 2, 2, 4]] * 2
+    assert run_ranks(2, side_group_worker, str(tmp_path), timeout=90) == [[1, 1, True, 2, 2]] * 2
 
 
 def replica_hash_worker(rank: int, world_size: int, path: str) -> str:
