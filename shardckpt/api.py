@@ -45,6 +45,11 @@ def save(
     ``path`` (if any) intact. Plain tensors are taken as replicated and written once in total;
     they must be equal on every rank unless wrapped in :class:`shardckpt.PerRank`.
 
+    ``nn.Module`` and ``torch.optim.Optimizer`` objects are saved through
+    ``torch.distributed.checkpoint.state_dict`` (FSDP2/TP state stays sharded, optimizer state is
+    keyed by parameter name): an optimizer is paired with the module in ``state`` that owns its
+    parameters, and the checkpoint is the one ``get_state_dict(model, optim)`` would give.
+
     Example::
 
         shardckpt.save({"model": model, "optim": optim, "step": step}, "ckpt/step-100")
@@ -76,11 +81,13 @@ def load(
     """Fill ``state`` in place from the checkpoint at ``path``; collective.
 
     Tensors and DTensors receive the saved values re-sharded to their current placement and world
-    size (each rank reads only the blocks overlapping its shards); objects with ``state_dict`` /
-    ``load_state_dict`` are loaded through them; other values are replaced in their dict or list.
-    With ``strict`` every key of ``state`` must be in the checkpoint (keys the checkpoint has and
-    ``state`` lacks are ignored, so a subset can be loaded). On failure every rank raises and the
-    state may be partly loaded.
+    size (each rank reads only the blocks overlapping its shards); ``nn.Module`` and
+    ``torch.optim.Optimizer`` objects go through ``set_state_dict`` (see ``save``); other objects
+    with ``state_dict`` / ``load_state_dict`` are loaded through them; other values are replaced
+    in their dict or list. With ``strict`` every key of ``state`` must be in the checkpoint, also
+    keys inside a value that is replaced whole (keys the checkpoint has and ``state`` lacks are
+    ignored, so a subset can be loaded). On failure every rank raises and the state may be partly
+    loaded.
 
     Example::
 

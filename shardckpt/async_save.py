@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError
+from shardckpt.errors import CheckpointError, StateMismatchError
 from shardckpt.options import Compression, compression_options, io_threads, staging_budget
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite
@@ -41,10 +41,11 @@ class _Stall:
 class SaveHandle:
     """A save in progress. ``wait()`` returns its ``SaveResult`` or raises its error."""
 
-    def __init__(self, path: str, future: Future[SaveResult], stall: _Stall) -> None:
+    def __init__(self, path: str, future: Future[SaveResult], stall: _Stall, snapshot: threading.Event) -> None:
         self.path = path
         self._stall = stall
         self._future = future
+        self._snapshot = snapshot
         self.observed = False
 
     @property
@@ -54,6 +55,14 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def wait_snapshot(self, timeout: float | None = None) -> None:
+        """Block until the snapshot is taken: from then on the saved tensors may change in place.
+        Returns at once unless the save is lazy; a lazy save's snapshot ends, copied or failed,
+        before ``optimizer.step()`` may run. Call it before other in-place writes to saved
+        tensors (EMA, clipping, a forward that updates BatchNorm statistics) in lazy mode."""
+        if not self._snapshot.wait(timeout):
+            raise CheckpointError(f"lazy snapshot for {self.path} still copying after {timeout}s")
 
     def add_done_callback(self, fn: Callable[[bool], None]) -> None:
         """Call ``fn(committed)`` on the background thread once the save ends (at once if it has)."""
@@ -126,16 +135,18 @@ class AsyncSaver:
         hashes: dict[str, str] = {}
         future: Future[SaveResult] = Future()
         stall = _Stall()
+        snapshot_done = threading.Event()
         # Encoding waits until the snapshot is taken: on a busy host, encoder threads would
         # otherwise steal CPU from the copy that the training loop is waiting for. Only when the
         # staging budget runs out must they start early, to hand buffers back.
         go = threading.Event()
         self.staging.on_block = go.set
         self.committer.submit(self._background, prep, feed, hashes, future, stall, go)
-        self.last = SaveHandle(str(path), future, stall)
+        self.last = SaveHandle(str(path), future, stall, snapshot_done)
         try:
-            self._start_snapshot(prep, feed, hashes, stall, t0, lazy, go)
+            self._start_snapshot(prep, feed, hashes, stall, t0, lazy, go, snapshot_done)
         except BaseException as e:
+            snapshot_done.set()
             feed.put(e)  # the background job must not wait for a snapshot that never comes
             go.set()
             # The other ranks learn of it in the background's write gather; wait for that, so no
@@ -160,10 +171,12 @@ class AsyncSaver:
         t0: float,
         lazy: bool,
         go: threading.Event,
+        snapshot_done: threading.Event,
     ) -> None:
         start = _stream_marker()
         if lazy:
-            snapshot_done = threading.Event()
+            # Read now, on the caller's thread, before it returns and training goes on.
+            versions = _write_versions(prep)
 
             def before_step(*_: object) -> None:
                 # An optimizer step must not change what is still being copied; its wait is stall.
@@ -178,7 +191,7 @@ class AsyncSaver:
 
             def snapshot() -> None:
                 try:
-                    self._snapshot(prep, feed, hashes, start)
+                    self._snapshot(prep, feed, hashes, start, check=lambda: _check_unwritten(prep, versions))
                 except BaseException:  # noqa: BLE001 - reaches the caller through the handle
                     pass
                 finally:
@@ -192,6 +205,7 @@ class AsyncSaver:
                 self._snapshot(prep, feed, hashes, start, stall, t0)
             finally:
                 go.set()
+                snapshot_done.set()
 
     def _snapshot(
         self,
@@ -201,6 +215,7 @@ class AsyncSaver:
         start: object,
         stall: _Stall | None = None,
         t0: float = 0.0,
+        check: Callable[[], None] | None = None,
     ) -> None:
         try:
             self.copier.after(start)  # type: ignore[arg-type]
@@ -208,6 +223,8 @@ class AsyncSaver:
                 feed.put(sw)
             self.copier.sync()
             hashes.update(replica_hashes(prep, self.writers))
+            if check is not None:
+                check()  # before _END: a failed check means nothing is committed
             if stall is not None:
                 stall.seconds = time.perf_counter() - t0
             feed.put(_END)
@@ -283,6 +300,33 @@ class AsyncSaver:
             self.staging.close()
 
 
+def _write_versions(prep: PreparedSave) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each saved tensor's in-place write counter (autograd's version counter, which every
+    in-place op and ``copy_`` bump, under ``no_grad`` too, and which views share)."""
+    versions: dict[str, tuple[torch.Tensor, int]] = {}
+    for key, item in prep.items.items():
+        try:
+            versions[key] = (item.local, item.local._version)
+        except RuntimeError:  # inference-mode tensors keep no counter
+            continue
+    return versions
+
+
+def _check_unwritten(prep: PreparedSave, versions: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """Lazy mode: fail the save when a saved tensor was written in place while the snapshot was
+    being taken (the copies and the replica hashes are done by now). The copy may hold the value
+    from before the write, after it, or a mix; committing it would be a silent wrong result."""
+    written = sorted(item.split("\0")[0] for item, (t, v) in versions.items() if t._version != v)
+    if written:
+        shown = ", ".join(repr(k) for k in written[:10]) + (f" and {len(written) - 10} more" if len(written) > 10 else "")
+        raise StateMismatchError(
+            f"lazy async save to {prep.path}: rank {prep.comm.rank}: {shown} changed in place while the snapshot was "
+            "copying it, so the checkpoint could mix values from before and after the change; nothing is committed. "
+            "Lazy mode makes only optimizer.step() wait for the copy: call handle.wait_snapshot() before other "
+            "in-place writes to saved tensors (EMA, clipping, BatchNorm statistics in forward), or use lazy=False"
+        )
+
+
 def _stream_marker() -> object:
     """An event on the caller's current CUDA stream: the snapshot must see all work queued so far."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
@@ -314,8 +358,20 @@ def async_save(
     while an earlier save is in flight waits for that one first.
 
     With ``lazy=True`` it returns before the snapshot is taken: the copy runs while forward and
-    backward run, and any ``optimizer.step()`` blocks until the copy is complete. Only use it when
-    nothing but an optimizer step changes the saved tensors in place.
+    backward run. What lazy mode covers, exactly:
+
+    - ``optimizer.step()`` (any ``torch.optim.Optimizer``) blocks until the copy is complete, so
+      the step's writes never reach the checkpoint.
+    - Nothing else waits. Any other in-place write to a saved tensor before the snapshot is
+      complete (an EMA update, gradient clipping of saved tensors, ``copy_``, a forward that
+      updates BatchNorm running statistics) is detected through the tensor's version counter,
+      and the save fails with a ``StateMismatchError`` naming the tensor (raised by
+      ``handle.wait()``, or the next save) instead of committing values from after the call.
+      Writes that bypass the version counter are neither waited for nor detected: through
+      ``.data`` or NumPy views, and inside kernels that do not declare them (the batch-norm
+      kernel's ``running_mean`` / ``running_var``; a training-mode BatchNorm forward is still
+      caught, by its ``num_batches_tracked`` update).
+    - ``handle.wait_snapshot()`` blocks until the copy is complete: call it before such writes.
 
     Snapshots go into host buffers that are kept and reused by later saves. ``staging_budget_bytes``
     (or ``SHARDCKPT_STAGING_BYTES``) caps them: a larger save streams through the budget, and the

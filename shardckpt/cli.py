@@ -2,6 +2,7 @@
 
     shardckpt ls ROOT                 committed steps under a CheckpointManager root
     shardckpt inspect PATH            tensors, values, files, sizes and codecs of one checkpoint
+                                      (--json: values in their stored typed-JSON form, docs/format.md)
     shardckpt verify PATH [PATH ...]  re-read every block against its checksum (exit 1 on failure,
                                       3 when all pass but some hold orphaned files of a torn save)
     shardckpt convert SRC DST [--compression zstd|none] [--from shardckpt|dcp|torch] [--overwrite]
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from shardckpt.api import load, read_index, save, verify
-from shardckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.values import decode_value
 from shardckpt.manager import committed_steps
 from shardckpt.pipeline.reader import check_files
@@ -68,8 +68,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         summary["tensors"] = [{"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "rank": t.rank,
                                "blocks": len(t.blocks)} for t in index.tensors]
-        summary["values"] = {v.key if v.rank is None else f"{v.key}@{v.rank}": decode_value(v.value, args.path)
-                             for v in index.values}
+        # Values in their stored typed-JSON form (docs/format.md, "Values"): decoded, a dict with
+        # both 0 and "0" as keys would print two "0" members, and a tuple key could not print at all.
+        summary["values"] = {v.key if v.rank is None else f"{v.key}@{v.rank}": v.value for v in index.values}
         print(json.dumps(summary, indent=1, default=repr))
         return 0
     ratio = index.bytes_raw() / index.bytes_stored() if index.bytes_stored() else 1.0
@@ -110,7 +111,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from shardckpt (to change compression), from DCP, or from a torch.save file."""
     _check_destination(Path(args.src), Path(args.dst), args.overwrite)
     if args.source_format != "shardckpt":
-        foreign = _read_foreign(args.src, args.source_format)
+        # The only pickle readers, imported only for a migration that asks for them.
+        if args.source_format == "dcp":
+            from shardckpt.interop.dcp import read_dcp
+
+            foreign = read_dcp(args.src)
+        else:
+            from shardckpt.interop.torch_save import read_torch_save
+
+            foreign = read_torch_save(args.src)
         result = save(foreign, args.dst, compression=args.compression)
         print(f"{args.src} ({args.source_format}) -> {args.dst}: {_mb(result.bytes_raw)} raw, "
               f"{_mb(result.bytes_stored)} stored")
@@ -144,47 +153,6 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise CheckpointError(f"convert: destination {dst} is, or is inside, the source {src}; choose another directory")
     if (dst / "index.json").exists() and not overwrite:
         raise CheckpointError(f"convert: {dst} already holds a checkpoint; pass --overwrite to replace it")
-
-
-def _read_foreign(src: str, kind: str) -> dict[str, object]:
-    """Everything in a DCP checkpoint or a torch.save file, as full tensors in one process.
-
-    Both formats pickle (DCP its metadata and non-tensor values); only convert files you trust.
-    torch.save files are read with weights_only=True.
-    """
-    if kind == "torch":
-        try:
-            loaded = torch.load(src, map_location="cpu", weights_only=True)
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError(f"{src}: no such file") from e
-        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            raise CorruptCheckpointError(f"{src}: not a torch.save file that loads with weights_only=True: {e}") from e
-        if not isinstance(loaded, dict):
-            raise CheckpointError(f"{src}: a torch.save file holding {type(loaded).__name__}, not a dict")
-        return loaded
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    try:
-        metadata = dcp.FileSystemReader(src).read_metadata()
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{src}: no DCP checkpoint here: {e}") from e
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise CorruptCheckpointError(f"{src}: not a readable DCP checkpoint: {e}") from e
-    paths = metadata.planner_data or {}
-    state: dict[str, object] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        path = tuple(paths.get(key, (key,)))
-        if isinstance(meta, TensorStorageMetadata):
-            _put(state, path, torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
-        else:
-            _put(state, path, None)  # a pickled object: DCP fills it in
-    try:
-        dcp.load(state, checkpoint_id=src, no_dist=True)
-    except (CheckpointException, OSError, RuntimeError, ValueError) as e:  # CheckpointException is a BaseException
-        raise CorruptCheckpointError(f"{src}: reading the DCP checkpoint failed: {type(e).__name__}: {e}") from e
-    return state
 
 
 def _put(root: dict[str, object], path: tuple[str | int, ...], value: object) -> None:

@@ -6,6 +6,7 @@ with their types, so int keys (optimizer state) come back as ints.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -139,10 +140,12 @@ def flatten_state(state: dict[str, object], rank: int) -> tuple[list[TensorItem]
     """Flatten ``state`` into tensor and value items, calling ``state_dict()`` on stateful objects."""
     if not isinstance(state, dict):
         raise StateMismatchError(f"state must be a dict, not {type(state).__name__}")
+    from shardckpt.module_state import route_modules  # it builds on this module's walk helpers
+
     tensors: list[TensorItem] = []
     values: list[ValueItem] = []
     seen: dict[str, tuple[PathPart, ...]] = {}
-    _walk(state, (), False, rank, tensors, values, seen)
+    _walk(state, (), False, rank, tensors, values, seen, route_modules(state))
     return tensors, values
 
 
@@ -160,25 +163,27 @@ def _walk(
     tensors: list[TensorItem],
     values: list[ValueItem],
     seen: dict[str, tuple[PathPart, ...]],
+    routes: Mapping[int, object],
 ) -> None:
     check_depth(path)
     key = join_key(path)
     if isinstance(node, PerRank):
         if per_rank:
             raise StateMismatchError(f"PerRank nested inside PerRank at key {key!r}")
-        _walk(node.value, path, True, rank, tensors, values, seen)
+        _walk(node.value, path, True, rank, tensors, values, seen, routes)
     elif isinstance(node, torch.Tensor):
         _claim(key, path, seen)
         tensors.append(_tensor_item(node, key, path, per_rank, rank))
     elif is_stateful(node):
-        sd = node.state_dict()  # type: ignore[attr-defined]
+        # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
+        sd = routes.get(id(node), node).state_dict()  # type: ignore[attr-defined]
         if not isinstance(sd, dict):
             raise StateMismatchError(f"state_dict() of {type(node).__name__} at key {key!r} returned a non-dict")
-        _walk(sd, path, per_rank, rank, tensors, values, seen)
+        _walk(sd, path, per_rank, rank, tensors, values, seen, routes)
     elif (not path and isinstance(node, dict)) or (isinstance(node, dict | list | tuple) and contains_tensors(node, key)):
         children = node.items() if isinstance(node, dict) else enumerate(node)
         for part, child in children:
-            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen)
+            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen, routes)
     else:
         _claim(key, path, seen)
         values.append(ValueItem(key, path, encode_value(node, key), per_rank))

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.flatten import PerRank, check_depth, check_part, contains_tensors, is_stateful, join_key, unstorable
+from shardckpt.flatten import MAX_NESTING, PerRank, check_depth, check_part, contains_tensors, is_stateful, join_key, unstorable
 from shardckpt.format.schema import CheckpointIndex, PathPart, TensorEntry, ValueEntry, dtype_name
 from shardckpt.format.values import decode_value
 from shardckpt.layout import local_view
+from shardckpt.module_state import route_modules
 from shardckpt.pipeline.reader import ReadRequest
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
@@ -26,6 +27,7 @@ class LoadWalk:
     missing: list[str] = field(default_factory=list)
     statefuls: list[tuple[object, dict[str, object]]] = field(default_factory=list)
     consumed: set[tuple[str, int | None]] = field(default_factory=set)
+    routes: dict[int, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tensors: dict[tuple[str, int | None], TensorEntry] = {(t.key, t.rank): t for t in self.index.tensors}
@@ -39,6 +41,8 @@ class LoadWalk:
     def fill_root(self, state: dict[str, object]) -> None:
         if not isinstance(state, dict):
             raise StateMismatchError(f"state must be a dict, not {type(state).__name__}")
+        # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
+        self.routes = route_modules(state, lambda path: tuple(str(p) for p in path) in self.prefixes)
         for part, child in list(state.items()):
             state[part] = self.fill(child, (check_part(part, ()),), False)
 
@@ -54,18 +58,19 @@ class LoadWalk:
             self._fill_tensor(node, key, ident, optional)
             return node
         if is_stateful(node):
-            template = node.state_dict()  # type: ignore[attr-defined]
+            target = self.routes.get(id(node), node)
+            template = target.state_dict()  # type: ignore[attr-defined]
             if not isinstance(template, dict):
                 raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
             filled = self.fill(template, path, per_rank, optional)
             assert isinstance(filled, dict)
             self._materialize(filled, path, per_rank)
-            self.statefuls.append((node, filled))
+            self.statefuls.append((target, filled))
             return node
         value = self.values.get(ident)
         if value is not None and not contains_tensors(node, key):
             self.consumed.add(ident)
-            return decode_value(value.value, f"{self.where}: value {key!r}")
+            return self._reconcile(node, decode_value(value.value, f"{self.where}: value {key!r}"), key, optional)
         if isinstance(node, dict):
             for part, child in list(node.items()):
                 node[part] = self.fill(child, path + (check_part(part, path),), per_rank, optional)
@@ -79,6 +84,29 @@ class LoadWalk:
         if tuple(str(p) for p in path) not in self.prefixes and not optional:
             self.missing.append(key)
         return node
+
+    def _reconcile(self, template: object, saved: object, key: str, optional: bool) -> object:
+        """The saved value replaces the target's, but keys of a target dict that the saved dict
+        lacks are not dropped silently: ``load_state_dict`` would meet them as a raw ``KeyError``
+        (a scheduler's ``lr_lambdas``), or worse, not at all. They are missing keys (with
+        ``strict=False`` the target's entry stays), except where the target holds nothing there
+        (``{}``, ``[{}]``): there is nothing to load into it, and DCP, for one, never records such
+        entries."""
+        if isinstance(template, dict) and isinstance(saved, dict):
+            for part, child in template.items():
+                sub = f"{key}/{part}"
+                if part in saved:
+                    saved[part] = self._reconcile(child, saved[part], sub, optional)
+                    continue
+                if not optional and not _holds_nothing(child):
+                    self.missing.append(sub)
+                saved[part] = child  # strict=False: left as the target had it, like a missing tensor
+        elif isinstance(template, list | tuple) and isinstance(saved, list) and len(template) == len(saved):
+            for i, child in enumerate(template):
+                saved[i] = self._reconcile(child, saved[i], f"{key}/{i}", optional)
+        elif isinstance(template, list | tuple) and isinstance(saved, tuple) and len(template) == len(saved):
+            return tuple(self._reconcile(t, s, f"{key}/{i}", optional) for i, (t, s) in enumerate(zip(template, saved)))
+        return saved
 
     def _fill_tensor(self, tensor: torch.Tensor, key: str, ident: tuple[str, int | None], optional: bool) -> None:
         entry = self.tensors.get(ident)
@@ -134,6 +162,14 @@ class LoadWalk:
             else:
                 value = decode_value(entry.value, f"{self.where}: value {entry.key!r}")
             _insert(filled, entry.path[n:], PerRank(value) if per_rank else value, entry.key, self.where)
+
+
+def _holds_nothing(node: object, depth: int = 0) -> bool:
+    """Whether ``node`` is containers all the way down, with no value in them (``{}``, ``[{}]``).
+    A target that nests deeper than any saveable state (or contains itself) does not qualify."""
+    if depth > MAX_NESTING or not isinstance(node, dict | list | tuple):
+        return False
+    return all(_holds_nothing(child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
 
 
 def _insert(root: dict[str, object], parts: tuple[PathPart, ...], value: object, key: str, where: str) -> None:

@@ -1,0 +1,6 @@
+"""Migration into shardckpt from formats that pickle: torch.distributed.checkpoint (DCP) directories
+and ``torch.save`` files.
+
+These are the only modules of shardckpt that unpickle anything, and only when called: nothing in
+``save`` / ``load`` imports them. Only migrate checkpoints you trust.
+"""
