@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch.distributed as dist
 
@@ -23,7 +22,7 @@ from shardckpt.pipeline.reader import check_files, execute_reads, read_block, ru
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
-from shardckpt.storage import LocalStorage
+from shardckpt.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -57,7 +56,7 @@ def save(
     comm = Comm.for_group(process_group)
     options = compression_options(compression)
     t0 = time.perf_counter()
-    prep = prepare_save(state, Path(path), comm, options, check_replicas, metadata)
+    prep = prepare_save(state, path, comm, options, check_replicas, metadata)
     try:
         with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
             # Hashing replicas can fail too (a device error): inside the gather, like staging.
@@ -94,7 +93,7 @@ def load(
         shardckpt.load({"model": model, "optim": optim, "step": 0}, "ckpt/step-100")
     """
     comm = Comm.for_group(process_group)
-    storage = LocalStorage(path)
+    storage = open_storage(path)
     where = str(path)
     try:
         index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
@@ -140,7 +139,7 @@ def load(
     comm.run(f"load from {path}: load_state_dict", apply)
 
 
-def _read_index_and_id(storage: LocalStorage) -> tuple[CheckpointIndex, object]:
+def _read_index_and_id(storage: Storage) -> tuple[CheckpointIndex, object]:
     index = read_committed_index(storage)
     return index, index.save_id
 
@@ -148,7 +147,7 @@ def _read_index_and_id(storage: LocalStorage) -> tuple[CheckpointIndex, object]:
 def read_index(path: PathLike) -> CheckpointIndex:
     """The checkpoint's metadata (tensors, blocks, values, files) with no torch.distributed needed.
     Values are in their stored typed-JSON form; ``shardckpt.format.values.decode_value`` decodes them."""
-    return read_committed_index(LocalStorage(path))
+    return read_committed_index(open_storage(path))
 
 
 @dataclass(frozen=True)
@@ -168,7 +167,7 @@ def verify(path: PathLike) -> VerifyReport:
     """Re-read every stored byte against its checksum and decode it; raises a CheckpointError on any
     missing, truncated, swapped or corrupt data file or block. Files the index does not name are
     reported in ``orphans``, not raised. Reads only: nothing is written or deleted."""
-    storage = LocalStorage(path)
+    storage = open_storage(path)
     where = str(path)
     try:
         index = read_committed_index(storage)

@@ -5,44 +5,41 @@ flight, and never from a read-only call. So it can never delete a step a save is
 no save of this job is running, no other job may save into the root, and a step directory whose
 own lock is held (a direct ``save`` into it) is skipped. Every deletion is best effort: a failure
 is logged and leaves garbage, never a damaged committed step.
+
+Everything goes through the root's ``Storage``, so the same pass runs on an object store: there a
+step is a key prefix, listed by delimiter, and removing it deletes its index first, then every
+object under it (and aborts uploads left open there). An object store has no lock, so there the
+guarantee rests on the single-writer assumption (storage/s3.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-from pathlib import Path
 
 from shardckpt.errors import CheckpointError
 from shardckpt.format.schema import INDEX_NAME
+from shardckpt.storage import Storage
 from shardckpt.storage.faults import hit
-from shardckpt.storage.lock import PathLock
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"step-(\d{8,})")
 
 
-def step_dirs(root: Path) -> dict[int, Path]:
-    """Every ``step-N`` entry under ``root`` (committed or not), by step. Reads only."""
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise CheckpointError(f"cannot list checkpoint root {root}: {e.strerror}") from e
+def step_dirs(root: Storage) -> dict[int, str]:
+    """Every ``step-N`` entry under ``root`` (committed or not), by step, as entry names. Reads
+    only. A local entry that is a symbolic link is not listed: it is never a step, and never deleted."""
     found = {}
-    for entry in entries:
-        m = STEP_DIR.fullmatch(entry.name)
+    for name in root.list_dirs(""):
+        m = STEP_DIR.fullmatch(name)
         if m:
-            found[int(m.group(1))] = Path(entry.path)
+            found[int(m.group(1))] = name
     return found
 
 
-def is_committed(path: Path) -> bool:
-    """A real step directory (no symbolic link) holding a regular index file."""
-    return not path.is_symlink() and path.is_dir() and (path / INDEX_NAME).is_file() and not (path / INDEX_NAME).is_symlink()
+def is_committed(root: Storage, name: str) -> bool:
+    """Whether the entry ``name`` under ``root`` holds its index (a regular file, locally)."""
+    return root.child(name).exists(INDEX_NAME)
 
 
 def retained(steps: list[int], keep_last: int | None, keep_every: int | None) -> set[int]:
@@ -57,50 +54,43 @@ def retained(steps: list[int], keep_last: int | None, keep_every: int | None) ->
     return keep
 
 
-def collect(root: Path, keep_last: int | None, keep_every: int | None) -> list[int]:
+def collect(root: Storage, keep_last: int | None, keep_every: int | None) -> list[int]:
     """Remove torn step directories, then the committed steps retention drops; returns what went."""
     dirs = step_dirs(root)
-    committed = sorted(s for s, p in dirs.items() if is_committed(p))
+    committed = sorted(s for s, name in dirs.items() if is_committed(root, name))
     keep = retained(committed, keep_last, keep_every)
     removed = []
-    for step, path in sorted(dirs.items()):
+    for step, name in sorted(dirs.items()):
         if step in keep:
             continue
         torn = step not in committed
-        if path.is_symlink():
-            log.warning("not removing %s: a symbolic link; nothing outside the root is deleted", path)
-            continue
-        if _remove_step(path, "torn" if torn else "retention"):
+        if _remove_step(root, name, "torn" if torn else "retention"):
             removed.append(step)
-            log.info("%s %s", "removed torn save" if torn else "retention removed step", path)
+            log.info("%s %s/%s", "removed torn save" if torn else "retention removed step", root.location, name)
     return removed
 
 
-def _remove_step(path: Path, point: str) -> bool:
-    lock = PathLock(path, f"removing {path.name}")
+def _remove_step(root: Storage, name: str, point: str) -> bool:
+    where = f"{root.location}/{name}"
+    try:
+        step = root.child(name)
+    except CheckpointError as e:
+        log.warning("not removing %s: %s", where, e)
+        return False
+    lock = step.lock(f"removing {name}")
     if not lock.try_acquire():
-        log.warning("not removing %s: a save into it holds its lock", path)
+        log.warning("not removing %s: a save into it holds its lock", where)
         return False
     try:
         hit(point)
-        # Uncommit first and make that durable: a crash from here on leaves a torn directory,
-        # which is never listed, instead of an index whose data is half gone.
-        (path / INDEX_NAME).unlink(missing_ok=True)
-        _fsync(path)
-        shutil.rmtree(path)
-        _fsync(path.parent)
+        # Uncommit first and make that durable: a crash from here on leaves a torn step, which is
+        # never listed, instead of an index whose data is half gone.
+        step.delete(INDEX_NAME)
+        step.fsync_dir("")
+        step.delete_tree()
     except (OSError, CheckpointError) as e:
-        log.warning("could not remove %s: %s", path, e)
+        log.warning("could not remove %s: %s", where, e)
         return False
     finally:
         lock.release()
     return True
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

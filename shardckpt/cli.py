@@ -26,7 +26,7 @@ from shardckpt.errors import CheckpointError, CorruptCheckpointError
 from shardckpt.format.values import decode_value
 from shardckpt.manager import committed_steps
 from shardckpt.pipeline.reader import check_files
-from shardckpt.storage import LocalStorage
+from shardckpt.storage import open_storage, parse_location
 
 
 def _mb(n: int) -> str:
@@ -41,7 +41,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     failed = 0
     for step in steps:
         try:
-            index = read_index(Path(args.root) / f"step-{step:08d}")
+            index = read_index(parse_location(args.root).join(f"step-{step:08d}"))
         except CheckpointError as e:
             print(f"step {step:>10}  unreadable: {type(e).__name__}: {e}")
             failed += 1
@@ -127,7 +127,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     index = read_index(args.src)
     # The tensors below are allocated from the index's shapes, which validation bounds by the
     # declared data file sizes: check that the files really are that large before allocating.
-    storage = LocalStorage(args.src)
+    storage = open_storage(args.src)
     try:
         check_files(storage, index, set(range(len(index.files))), args.src)
     finally:

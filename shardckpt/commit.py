@@ -1,8 +1,9 @@
 """The coordinator's commit: assemble the global index from every rank's write results, check
 replicas, and publish it atomically. Nothing here runs before every rank's data is durable.
 
-The publish is the commit point: the rename of ``index.json``. Whatever fails before it leaves
-nothing published; whatever fails after it must not delete data, since the index names it."""
+The publish is the commit point: the rename of ``index.json`` (local), its single PUT (object
+store). Whatever fails before it leaves nothing published; whatever fails after it must not delete
+data, since the index names it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from shardckpt.format.schema import (
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
 from shardckpt.planning.save_plan import SavePlan
-from shardckpt.storage import LocalStorage
+from shardckpt.storage import Storage
 from shardckpt.storage.faults import hit
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ def build_index(
 
 
 def publish_index(
-    storage: LocalStorage, save_id: str, plan: SavePlan, results: list[RankResult], metadata: dict[str, object]
+    storage: Storage, save_id: str, plan: SavePlan, results: list[RankResult], metadata: dict[str, object]
 ) -> tuple[dict[str, object], BaseException | None]:
     """On the coordinator: build, check and publish the index. Never raises: returns the outcome
-    every rank must learn (``committed``: whether index.json was renamed into place; ``error``: what
+    every rank must learn (``committed``: whether index.json was published; ``error``: what
     failed, before or after that point) and the exception itself, for the coordinator to raise."""
     outcome: dict[str, object] = {"committed": False, "error": None, "totals": None, "files": []}
     try:
@@ -85,7 +86,7 @@ def publish_index(
         index = build_index(save_id, plan, results, metadata)
         data = encode_index(index)
         # Decode what we are about to publish: a writer bug must fail the save, not a later load.
-        decode_index(data, str(storage.root / INDEX_NAME))
+        decode_index(data, f"{storage.location}/{INDEX_NAME}")
         # The entries that lead to the data must be durable before the index that names it.
         storage.fsync_dir("", point="data_dir_fsync")
         storage.fsync_parent()
@@ -98,37 +99,34 @@ def publish_index(
     return outcome, None
 
 
-def remove_stale_files(storage: LocalStorage, live: set[str]) -> list[str]:
+def remove_stale_files(storage: Storage, live: set[str]) -> list[str]:
     """After a commit, data files of earlier or torn saves into the same directory are garbage.
     Best effort and never raising: the save is already committed, and a failure here only leaves
-    files that the next save or ``verify`` reports. Only regular files under a real ``data/`` go."""
-    data_dir = storage.root / DATA_DIR
+    files that the next save or ``verify`` reports. Only regular files under a real ``data/`` go
+    (a local ``data/`` that is a symbolic link is refused by the listing: nothing outside is deleted)."""
     removed: list[str] = []
     try:
-        if data_dir.is_symlink():
-            log.warning("not cleaning %s: it is a symbolic link, and nothing outside the checkpoint is deleted", data_dir)
-            return removed
         for name in storage.list(DATA_DIR):
             if name not in live:
                 hit("cleanup")
                 storage.delete(name)
                 removed.append(name)
     except (OSError, CheckpointError) as e:
-        log.warning("cleaning stale data files in %s stopped: %s", storage.root, e)
+        log.warning("cleaning stale data files in %s stopped: %s", storage.location, e)
     if removed:
-        log.info("removed %d stale data file(s) from %s", len(removed), storage.root)
+        log.info("removed %d stale data file(s) from %s", len(removed), storage.location)
     return removed
 
 
-def read_committed_index(storage: LocalStorage) -> CheckpointIndex:
-    where = str(storage.root / INDEX_NAME)
-    if not storage.root.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint at {storage.root}: the directory does not exist")
+def read_committed_index(storage: Storage) -> CheckpointIndex:
+    where = f"{storage.location}/{INDEX_NAME}"
+    if not storage.exists(""):
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.location}: the directory does not exist")
     try:
         data = storage.read_all(INDEX_NAME, 1 << 30)
-    except FileNotFoundError:
+    except CheckpointNotFoundError:
         raise CheckpointNotFoundError(
-            f"no checkpoint at {storage.root}: {INDEX_NAME} is missing (empty directory, or a save that never "
+            f"no checkpoint at {storage.location}: {INDEX_NAME} is missing (empty directory, or a save that never "
             "committed)"
         ) from None
     if not data:

@@ -64,3 +64,18 @@ class CommunicationError(RankFailedError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, {})
+
+
+class UnsupportedStorageError(CheckpointError):
+    """A checkpoint location whose URL scheme has no storage backend (``gs://...``). It is refused,
+    never taken as a local directory named after the scheme."""
+
+
+class StorageAccessError(CheckpointIOError):
+    """The storage refused who we are or what we asked: wrong credentials, no permission, a
+    read-only filesystem."""
+
+
+class BucketNotFoundError(CheckpointIOError):
+    """The object-store bucket named in the URL does not exist. A configuration mistake, not "no
+    checkpoint yet": it must not look like an empty location that a job may start fresh from."""

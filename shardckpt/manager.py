@@ -1,6 +1,8 @@
 """CheckpointManager: one directory per step under a root, save policies, retention, restore.
 
-A step exists only once its index is committed (``step-00000100/index.json``). Listing and
+The root is a directory or a URL (``s3://bucket/run``: a step is then a key prefix); every listing
+and deletion goes through its ``Storage``. A step exists only once its index is committed
+(``step-00000100/index.json``). Listing and
 restoring only read. Garbage (torn saves, steps retention drops) is removed by ``cleanup.collect``
 on the coordinator at the start of each save and in ``close``: moments when this job has no save
 in flight, while it holds the root's lock, so no other job can be saving there either.
@@ -9,6 +11,7 @@ in flight, while it holds the root's lock, so no other job can be saving there e
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -32,23 +35,34 @@ from shardckpt.errors import (
 from shardckpt.options import Compression
 from shardckpt.pipeline.reader import check_files
 from shardckpt.saving import SaveResult
-from shardckpt.storage import LocalStorage
-from shardckpt.storage.lock import PathLock
+from shardckpt.storage import Storage, open_storage, parse_location
 
 log = logging.getLogger(__name__)
 # A failed load of these kinds means the step's bytes are bad: restore may try an older step.
 _DATA_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointIOError)
 
 
-def committed_steps(root: str | Path) -> list[int]:
-    """The committed steps under a manager root, ascending. Reads only; no manager needed."""
-    return sorted(s for s, p in cleanup.step_dirs(Path(root)).items() if cleanup.is_committed(p))
+def committed_steps(root: str | os.PathLike[str]) -> list[int]:
+    """The committed steps under a manager root (a directory or URL), ascending. Reads only; no
+    manager needed."""
+    storage = open_storage(root)
+    try:
+        return _committed(storage)
+    finally:
+        storage.close()
 
 
-def incomplete_reason(path: Path) -> str | None:
+def _committed(root: Storage) -> list[int]:
+    return sorted(s for s, name in cleanup.step_dirs(root).items() if cleanup.is_committed(root, name))
+
+
+def incomplete_reason(path: str | os.PathLike[str]) -> str | None:
     """Why the checkpoint at ``path`` cannot load (index unreadable, a data file missing, of the
     wrong size or header), or None when it is complete. Reads the index and 64 bytes a file."""
-    storage = LocalStorage(path)
+    try:
+        storage = open_storage(path)
+    except CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
     try:
         index = read_committed_index(storage)
         check_files(storage, index, set(range(len(index.files))), str(path))
@@ -79,7 +93,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -91,7 +105,11 @@ class CheckpointManager:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every), ("save_interval", save_interval)):
             if value is not None and value < 1:
                 raise StateMismatchError(f"CheckpointManager {name} must be >= 1, not {value}")
-        self.root = Path(root)
+        where = parse_location(root)
+        self._where = where
+        # A Path for a local root (as before); the URL for an object-store root.
+        self.root: Path | str = where.path if where.path is not None else where.url
+        self._storage = open_storage(root)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.save_interval = save_interval
@@ -100,14 +118,15 @@ class CheckpointManager:
         self.compression = compression
         self.comm = Comm.for_group(process_group)
         self._pending: tuple[int, SaveHandle] | None = None
-        self._lock = PathLock(self.root, "CheckpointManager") if self.comm.is_coordinator else None
+        self._lock = self._storage.lock("CheckpointManager") if self.comm.is_coordinator else None
 
-    def path_for(self, step: int) -> Path:
-        return self.root / f"step-{step:08d}"
+    def path_for(self, step: int) -> Path | str:
+        """Where ``step`` is saved: a ``Path`` under a local root, a URL under an object-store root."""
+        return self._where.join(_step_name(step))
 
     def steps(self) -> list[int]:
         """Committed steps, ascending."""
-        return committed_steps(self.root)
+        return _committed(self._storage)
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -132,11 +151,7 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.acquire()
                 self._collect()
-                if self.path_for(step).is_symlink():  # garbage collection never follows one either
-                    raise CheckpointIOError(
-                        f"{self.path_for(step)} is a symbolic link: a step directory is never followed out of "
-                        f"the root {self.root}; remove the link"
-                    )
+                self._storage.child(_step_name(step))  # refuses a local step that is a symbolic link
             return None, None
 
         self.comm.run(f"save of step {step} under {self.root}: housekeeping", housekeeping)
@@ -212,7 +227,7 @@ class CheckpointManager:
 
     def _collect(self) -> None:
         try:
-            cleanup.collect(self.root, self.keep_last, self.keep_every)
+            cleanup.collect(self._storage, self.keep_last, self.keep_every)
         except (OSError, CheckpointError) as e:  # garbage collection must never fail a save
             log.warning("cleaning up %s failed: %s", self.root, e)
 
@@ -239,3 +254,7 @@ class CheckpointManager:
             return False
         bad_bytes = isinstance(error, _DATA_ERRORS) or type(error) is RankFailedError
         return all(bool(v) for v in self.comm.all_gather(bad_bytes, f"restore from {self.root}: falling back"))
+
+
+def _step_name(step: int) -> str:
+    return f"step-{step:08d}"

@@ -4,12 +4,12 @@ prepare (flatten, gather, plan) → stage (snapshot) → write (encode, append, 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -26,9 +26,8 @@ from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
 from shardckpt.planning.save_plan import RankMeta, SavePlan, WriteItem, plan_save
-from shardckpt.storage import LocalStorage
+from shardckpt.storage import Storage, StorageLock, open_storage
 from shardckpt.storage.faults import hit
-from shardckpt.storage.lock import PathLock
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -63,7 +62,8 @@ class SaveResult:
 
 @dataclass
 class PreparedSave:
-    path: Path
+    path: str  # the storage's location, as messages and SaveResult show it
+    storage: Storage
     comm: Comm
     options: CompressionOptions
     save_id: str
@@ -71,17 +71,20 @@ class PreparedSave:
     items: dict[str, TensorItem]
     check_replicas: bool
     metadata: dict[str, object]  # encoded (format.values), ready for the index
-    lock: PathLock | None  # held by the coordinator from planning until the save ends
+    lock: StorageLock | None  # held by the coordinator from planning until the save ends
     started: float = field(default_factory=time.perf_counter)
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        try:
+            if self.lock is not None:
+                self.lock.release()
+        finally:
+            self.storage.close()
 
 
 def prepare_save(
     state: dict[str, object],
-    path: Path,
+    path: str | os.PathLike[str],
     comm: Comm,
     options: CompressionOptions,
     check_replicas: bool,
@@ -90,21 +93,27 @@ def prepare_save(
 ) -> PreparedSave:
     """Flatten the state on every rank, gather the metadata, and plan who writes what.
 
+    ``path`` is a directory or a URL (``open_storage``), opened inside the gather: a scheme with
+    no backend, or a client that cannot be configured, fails every rank before anything is written.
+
     ``precheck`` runs first on every rank inside the failure gather: if it raises anywhere (an
     earlier async save failed unseen), every rank raises. The coordinator takes the path's lock,
     so a second job saving into the same path is refused before anything is written."""
     started = time.perf_counter()
-    lock = PathLock(path, "save") if comm.is_coordinator else None
+    storage: Storage | None = None
+    lock: StorageLock | None = None
     encoded_metadata: dict[str, object] = {}
 
     def local() -> tuple[list[TensorItem], object]:
-        nonlocal encoded_metadata
+        nonlocal encoded_metadata, storage, lock
         if precheck is not None:
             precheck()
         hit("flatten")
+        storage = open_storage(path)
         # Encode now: metadata that cannot be stored must fail before any data file exists.
         encoded_metadata = cast("dict[str, object]", encode_value(dict(metadata or {}), "metadata"))
-        if lock is not None:
+        if comm.is_coordinator:
+            lock = storage.lock("save")
             lock.acquire()
         tensors, values = flatten_state(state, comm.rank)
         meta = {
@@ -124,9 +133,14 @@ def prepare_save(
     except BaseException:
         if lock is not None:
             lock.release()
+        if storage is not None:
+            storage.close()
         raise
+    assert storage is not None  # local() ran to the end on this rank
     items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
-    return PreparedSave(path, comm, options, save_id, plan, items, check_replicas, encoded_metadata, lock, started)
+    return PreparedSave(
+        storage.location, storage, comm, options, save_id, plan, items, check_replicas, encoded_metadata, lock, started
+    )
 
 
 def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
@@ -202,7 +216,7 @@ def write_and_commit(
     ``staged`` may still be filling while this runs (a streaming save); ``hashes`` is read only
     after it is exhausted. ``comm`` may differ from ``prep.comm``: a side group when this runs on a
     background thread."""
-    storage = LocalStorage(prep.path)
+    storage = prep.storage
     name = data_file_name(prep.save_id, comm.rank)
 
     def write() -> tuple[None, object]:
@@ -274,13 +288,13 @@ def write_and_commit(
     return Committed(raw, stored, sum(b[6] for b in mine), sum(b[5] for b in mine))
 
 
-def _discard(storage: LocalStorage, name: str) -> None:
+def _discard(storage: Storage, name: str) -> None:
     """Delete this rank's data file of a save that is known not to be committed. Best effort: a
     failure here must not replace the error that made the save fail."""
     try:
         storage.delete(name)
     except (OSError, CheckpointError) as e:
-        log.warning("could not remove %s/%s of a failed save: %s", storage.root, name, e)
+        log.warning("could not remove %s/%s of a failed save: %s", storage.location, name, e)
 
 
 def result_of(prep: PreparedSave, done: Committed, stall: float, background: float) -> SaveResult:

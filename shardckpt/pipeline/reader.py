@@ -1,8 +1,8 @@
 """Read the blocks a rank needs, verify, decode and copy them into the target tensors.
 
-Each block is read with one pread, its checksum checked before anything decodes it, decoded into a
-fresh buffer of the declared size (bounded by the index validation) and copied into the part of the
-target it covers. Reads and decodes of different blocks run in parallel.
+Each block is read with one ranged read (a pread, or a ranged GET on an object store), its checksum
+checked before anything decodes it, decoded into a fresh buffer of the declared size (bounded by
+the index validation) and copied into the part of the target it covers. Reads and decodes of different blocks run in parallel.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from shardckpt.format.schema import DATA_HEADER_BYTES, CheckpointIndex, TensorEn
 from shardckpt.pipeline.datafile import check_header
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead
-from shardckpt.storage import LocalStorage
+from shardckpt.storage import Storage
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ class ReadRequest:
     allocate: bool = False
 
 
-def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int], where: str) -> None:
+def check_files(storage: Storage, index: CheckpointIndex, file_ids: set[int], where: str) -> None:
     """Size and header of every data file this rank will read."""
     for i in sorted(file_ids):
         f = index.files[i]
@@ -54,7 +54,7 @@ def check_files(storage: LocalStorage, index: CheckpointIndex, file_ids: set[int
 
 
 def _fetch(
-    storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str,
+    storage: Storage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str,
     into: np.ndarray | None = None,
 ) -> bytes | np.ndarray:
     """A block's stored bytes, checksum verified before anything decodes them. A raw block whose
@@ -82,7 +82,7 @@ def _decode(entry: TensorEntry, read: BlockRead, payload: bytes | np.ndarray, ou
         raise CorruptCheckpointError(f"{where}: tensor {entry.key!r} block at offset {read.block.offset}: {e}") from e
 
 
-def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
+def read_block(storage: Storage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
     """One verified, decoded block as a tensor of its box's shape."""
     payload = _fetch(storage, index, entry, read, where)
     out = np.empty(read.block.raw_length, dtype=np.uint8)
@@ -91,7 +91,7 @@ def read_block(storage: LocalStorage, index: CheckpointIndex, entry: TensorEntry
 
 
 def execute_reads(
-    storage: LocalStorage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
+    storage: Storage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
 ) -> None:
     """Fill every request's target. Call it after ``check_files`` for the files the requests read:
     the targets it allocates are as large as the index says, which validation bounds by the
@@ -156,7 +156,7 @@ def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:
     return region.reshape(-1).view(torch.uint8).numpy()
 
 
-def _read_into(storage: LocalStorage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
+def _read_into(storage: Storage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
     dest = _direct_destination(req, read)
     if dest is not None:
         payload = _fetch(storage, index, req.entry, read, where, into=dest)

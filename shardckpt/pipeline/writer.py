@@ -21,7 +21,7 @@ from shardckpt.codec.checksum import checksum
 from shardckpt.options import CompressionOptions
 from shardckpt.planning.boxes import Box, split_box
 from shardckpt.planning.save_plan import WriteItem
-from shardckpt.storage import DataFileWriter
+from shardckpt.storage import DataWriter
 
 
 @dataclass
@@ -42,7 +42,7 @@ def source_view(local: torch.Tensor, local_box: Box, box: Box) -> torch.Tensor:
 
 def write_blocks(
     staged: Iterable[StagedWrite],
-    out: DataFileWriter,
+    out: DataWriter,
     options: CompressionOptions,
     pool: ThreadPoolExecutor,
     on_written: Callable[[StagedWrite], None] | None = None,
@@ -83,7 +83,7 @@ def write_blocks(
 
 
 def _write_one(
-    sw: StagedWrite, box: Box, chunk: np.ndarray, itemsize: int, out: DataFileWriter, options: CompressionOptions
+    sw: StagedWrite, box: Box, chunk: np.ndarray, itemsize: int, out: DataWriter, options: CompressionOptions
 ) -> list[object]:
     codec, payload = encode_block(chunk, sw.dtype, itemsize, options.codec, options.level)
     digest = checksum(payload)

@@ -14,53 +14,26 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
-from shardckpt.errors import CheckpointError, CheckpointIOError, CorruptCheckpointError, IncompleteCheckpointError
+from shardckpt.errors import (
+    CheckpointError,
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageAccessError,
+)
 from shardckpt.storage.faults import hit
-
-
-class Storage(Protocol):
-    """Where a checkpoint's files live; ``name`` is a path relative to ``root`` (``data/x.bin``).
-
-    Reads of a missing file raise ``IncompleteCheckpointError`` (``read_all``: ``FileNotFoundError``,
-    which the index reader turns into ``CheckpointNotFoundError``); any other OS failure is a
-    ``CheckpointIOError``; a file that is a link or not a regular file is a ``CorruptCheckpointError``
-    when read and a ``CheckpointIOError`` when written."""
-
-    root: Path
-
-    def ensure_dir(self, subdir: str = "") -> None: ...
-
-    def create(self, name: str) -> DataFileWriter: ...
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes: ...
-
-    def read_into(self, name: str, offset: int, buf: memoryview) -> None: ...
-
-    def size(self, name: str) -> int: ...
-
-    def list(self, subdir: str) -> list[str]: ...
-
-    def delete(self, name: str) -> None: ...
-
-    def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None: ...
-
-    def fsync_parent(self) -> None: ...
-
-    def publish(self, name: str, data: bytes) -> None: ...
-
-    def read_all(self, name: str, limit: int) -> bytes: ...
-
-    def close(self) -> None: ...
+from shardckpt.storage.lock import PathLock
 
 
 class DataFileWriter:
-    """One data file written by many threads: offsets are reserved under a lock, the bytes are
+    """One local data file written by many threads: offsets are reserved under a lock, the bytes are
     written with pwrite outside it, so encoders never wait for each other's I/O.
 
     Owns ``fd``, an open, writable regular file (``LocalStorage.create`` opens it)."""
@@ -84,7 +57,7 @@ class DataFileWriter:
             while done < n:
                 done += os.pwrite(self._fd, view[done:], offset + done)
         except OSError as e:
-            raise CheckpointIOError(f"write to {self.path} failed: {e.strerror}") from e
+            raise _os_error(f"write to {self.path} failed", e) from e
         return offset
 
     def finish(self) -> int:
@@ -93,7 +66,7 @@ class DataFileWriter:
             hit("fsync")
             os.fsync(self._fd)
         except OSError as e:
-            raise CheckpointIOError(f"fsync of {self.path} failed: {e.strerror}") from e
+            raise _os_error(f"fsync of {self.path} failed", e) from e
         finally:
             self.abort()
         return self._end
@@ -124,20 +97,92 @@ class LocalStorage:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def child(self, name: str) -> LocalStorage:
+        """``root/name``, refused when it is a symbolic link (a manager never follows a step out of
+        its root; only a checkpoint directory that is named directly may be a link)."""
+        if len(self._parts(name, _WRITE)) != 1:
+            raise CheckpointIOError(f"{self.root / name}: a child is one entry directly inside {self.root}")
+        path = self.root / name
+        if path.is_symlink():
+            raise CheckpointIOError(
+                f"{path} is a symbolic link: a step directory is never followed out of the root {self.root}; "
+                "remove the link"
+            )
+        return LocalStorage(path)
+
+    def list_dirs(self, subdir: str = "") -> list[str]:
+        """Real directories directly in ``subdir`` (links are not listed); [] if it is missing."""
+        path = self.root / subdir
+        try:
+            fd = self._open_dir(subdir, _READ)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _os_error(f"cannot list {path}", e) from e
+        try:
+            with os.scandir(fd) as entries:
+                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError as e:
+            raise _os_error(f"cannot list {path}", e) from e
+        finally:
+            os.close(fd)
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is a regular file here (a link is not); ``""``: whether the directory exists."""
+        if not name:
+            return self.root.is_dir()
+        leaf = self._leaf(name, _READ)
+        try:
+            parent = self._open_dir(os.path.dirname(name), _READ)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _os_error(f"cannot look at {self.root / name}", e) from e
+        try:
+            return stat.S_ISREG(os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise _os_error(f"cannot look at {self.root / name}", e) from e
+        finally:
+            os.close(parent)
+
+    def delete_tree(self) -> None:
+        """Remove the directory and everything in it (links inside are removed, never followed),
+        then make its removal from the parent durable. Missing: no error."""
+        try:
+            if self.root.is_symlink():
+                raise CheckpointIOError(f"not removing {self.root}: a symbolic link; nothing outside is deleted")
+            shutil.rmtree(self.root)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _os_error(f"cannot remove {self.root}", e) from e
+        parent = self.root.parent
+        _fsync_directory(parent, None, lambda: os.open(parent, _DIR_FLAGS))
+
+    def lock(self, purpose: str) -> PathLock:
+        """An ``flock`` on a hidden file in the directory (storage/lock.py)."""
+        return PathLock(self.root, purpose)
+
     def ensure_dir(self, subdir: str = "") -> None:
         """Create ``subdir`` (and the root) if missing; refuse one that is a link or not a directory."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             os.close(self._open_dir(subdir, _WRITE, create=True))
         except OSError as e:
-            raise CheckpointIOError(f"cannot create directory {self.root / subdir}: {e.strerror}") from e
+            raise _os_error(f"cannot create directory {self.root / subdir}", e) from e
 
     def create(self, name: str) -> DataFileWriter:
         """Create (or truncate) ``name`` for writing."""
         try:
             fd = self._open_file(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _WRITE)
         except OSError as e:
-            raise CheckpointIOError(f"cannot create {self.root / name}: {e.strerror}") from e
+            raise _os_error(f"cannot create {self.root / name}", e) from e
         return DataFileWriter(self.root / name, fd)
 
     def _fd(self, name: str) -> int:
@@ -150,7 +195,7 @@ class LocalStorage:
                 except FileNotFoundError as e:
                     raise IncompleteCheckpointError(f"data file {path} is missing") from e
                 except OSError as e:
-                    raise CheckpointIOError(f"cannot open {path}: {e.strerror}") from e
+                    raise _os_error(f"cannot open {path}", e) from e
                 self._fds[name] = fd
             return fd
 
@@ -160,7 +205,7 @@ class LocalStorage:
             hit("read")
             data = os.pread(fd, length, offset)
         except OSError as e:
-            raise CheckpointIOError(f"read of {self.root / name} failed: {e.strerror}") from e
+            raise _os_error(f"read of {self.root / name} failed", e) from e
         if len(data) != length:
             raise IncompleteCheckpointError(
                 f"data file {self.root / name} is truncated: wanted bytes [{offset}, {offset + length}), "
@@ -182,7 +227,7 @@ class LocalStorage:
                     )
                 done += got
         except OSError as e:
-            raise CheckpointIOError(f"read of {self.root / name} failed: {e.strerror}") from e
+            raise _os_error(f"read of {self.root / name} failed", e) from e
 
     def size(self, name: str) -> int:
         """The size of ``name``, from the descriptor later reads use (so both see the same file)."""
@@ -190,7 +235,7 @@ class LocalStorage:
         try:
             return os.fstat(fd).st_size
         except OSError as e:
-            raise CheckpointIOError(f"cannot stat {self.root / name}: {e.strerror}") from e
+            raise _os_error(f"cannot stat {self.root / name}", e) from e
 
     def list(self, subdir: str) -> list[str]:
         """The regular files directly in ``subdir`` (links and others are not listed); [] if it is missing."""
@@ -200,12 +245,12 @@ class LocalStorage:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise CheckpointIOError(f"cannot list {path}: {e.strerror}") from e
+            raise _os_error(f"cannot list {path}", e) from e
         try:
             with os.scandir(fd) as entries:  # scandir works on its own duplicate of fd
                 return sorted(f"{subdir}/{e.name}" for e in entries if e.is_file(follow_symlinks=False))
         except OSError as e:
-            raise CheckpointIOError(f"cannot list {path}: {e.strerror}") from e
+            raise _os_error(f"cannot list {path}", e) from e
         finally:
             os.close(fd)
 
@@ -222,7 +267,7 @@ class LocalStorage:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise CheckpointIOError(f"cannot delete {self.root / name}: {e.strerror}") from e
+            raise _os_error(f"cannot delete {self.root / name}", e) from e
 
     def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None:
         """Make the entries of ``subdir`` (created files, renames) durable."""
@@ -259,8 +304,9 @@ class LocalStorage:
                     os.unlink(tmp, dir_fd=parent)
                 except OSError:
                     pass
-            reason = e.strerror if isinstance(e, OSError) else str(e)
-            raise CheckpointIOError(f"cannot commit {final}: {reason}") from e
+            if isinstance(e, OSError):
+                raise _os_error(f"cannot commit {final}", e) from e
+            raise CheckpointIOError(f"cannot commit {final}: {e}") from e
         finally:
             if parent >= 0:
                 os.close(parent)
@@ -270,17 +316,17 @@ class LocalStorage:
         path = self.root / name
         try:
             fd = self._open_file(name, os.O_RDONLY, _READ)
-        except FileNotFoundError:
-            raise  # the caller turns a missing index into CheckpointNotFoundError
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(f"{path} does not exist") from e
         except OSError as e:
-            raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
+            raise _os_error(f"cannot read {path}", e) from e
         try:
             with os.fdopen(fd, "rb") as f:
                 # Read what the file holds, never a buffer of ``limit`` bytes: f.read(n) reserves n
                 # bytes first, and a 1 GiB reservation for a 300-byte index fails under a memory cap.
                 return f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
         except OSError as e:
-            raise CheckpointIOError(f"cannot read {path}: {e.strerror}") from e
+            raise _os_error(f"cannot read {path}", e) from e
 
     def close(self) -> None:
         with self._lock:
@@ -384,9 +430,17 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), f"file type {stat.S_IFMT(mode):#o}")
 
 
-def _fsync_directory(path: Path, point: str, open_dir: Callable[[], int]) -> None:
+def _os_error(message: str, cause: OSError) -> CheckpointIOError:
+    """``message: reason`` as the error for ``cause``: a refusal of permission (or a read-only
+    filesystem) is a ``StorageAccessError``, the same error an object store gives for a denied request."""
+    kind = StorageAccessError if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else CheckpointIOError
+    return kind(f"{message}: {cause.strerror}")
+
+
+def _fsync_directory(path: Path, point: str | None, open_dir: Callable[[], int]) -> None:
     try:
-        hit(point)
+        if point is not None:
+            hit(point)
         fd = open_dir()
         try:
             os.fsync(fd)
@@ -394,4 +448,4 @@ def _fsync_directory(path: Path, point: str, open_dir: Callable[[], int]) -> Non
             os.close(fd)
     except OSError as e:
         if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-            raise CheckpointIOError(f"fsync of directory {path} failed: {e.strerror}") from e
+            raise _os_error(f"fsync of directory {path} failed", e) from e
