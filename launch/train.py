@@ -6,6 +6,12 @@ checkpointing asynchronously with CheckpointManager and resuming from the latest
 CPU + gloo by default; CUDA + NCCL when GPUs are present. ``--crash-at S`` makes one rank SIGKILL
 itself at step S on the first attempt, so torchrun restarts the group, which resumes from the
 latest committed checkpoint. ``--final F`` writes a digest of every final parameter to F.
+
+For the node-loss scenario (launch/node_loss.py): ``--digests D`` writes, at every save, a digest
+of the full parameters and optimizer state to D/step-N.json, and after every restore checks that
+the restored state matches the saved step's digest bit for bit; ``--timeline T`` appends one line
+per step (attempt, world size, step, the sampler's epoch and position) so that the data order can
+be checked across restarts; ``--step-sleep`` slows the loop so that nodes can come and go.
 """
 
 from __future__ import annotations
@@ -80,6 +86,19 @@ def digest(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def state_digest(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
+    """Digest of every full parameter and every full optimizer state tensor (collective)."""
+    out = {f"param/{k}": v for k, v in digest(model).items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in sorted(opt.state.get(p, {}).items()):
+                t = v.detach()
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t
+                out[f"optim/{names[id(p)]}/{k}"] = xxhash.xxh3_64_hexdigest(full.cpu().reshape(-1).view(torch.uint8).numpy())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -91,10 +110,15 @@ def main() -> None:
     ap.add_argument("--crash-rank", type=int, default=1)
     ap.add_argument("--final", default=None)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--digests", default=None, help="directory for per-step state digests (checked at restore)")
+    ap.add_argument("--timeline", default=None, help="file to append one line per step to (rank 0)")
+    ap.add_argument("--step-sleep", type=float, default=0.0)
     args = ap.parse_args()
+    t_start = time.time()
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
+    t_init = time.time()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -121,13 +145,27 @@ def main() -> None:
     }
     manager = shardckpt.CheckpointManager(args.ckpt, keep_last=args.keep_last, save_interval=args.save_interval)
     resumed = manager.restore(state)
+    t_restored = time.time()
     start = resumed or 0
     if rank == 0:
         how = f"resumed from step {resumed}" if resumed is not None else "fresh start"
         print(f"[train] attempt {attempt}: {world} ranks, {how}", flush=True)
+    if resumed is not None and args.digests:
+        saved = json.loads(open(os.path.join(args.digests, f"step-{resumed}.json")).read())
+        now = state_digest(model, opt)
+        differ = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        if differ:
+            raise SystemExit(f"restored state differs from the saved step {resumed}: {differ[:5]}")
+        if rank == 0:
+            print(f"[train] restore check: step {resumed} bit-identical at {world} ranks "
+                  f"({sum(k.startswith('param/') for k in now)} parameters, "
+                  f"{sum(k.startswith('optim/') for k in now)} optimizer tensors)", flush=True)
 
     stalls, t_loop, loss = [], time.perf_counter(), float("nan")
     for step in range(start + 1, args.steps + 1):
+        if args.timeline and rank == 0:
+            with open(args.timeline, "a") as f:
+                f.write(f"{attempt} {world} {step} {sampler.epoch} {sampler.position}\n")
         batch = data[sampler.next_indices(args.batch)].to(device)
         logits = model(batch[:, :-1])
         loss_t = F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
@@ -139,10 +177,22 @@ def main() -> None:
         if args.crash_at == step and rank == args.crash_rank and attempt == 0:
             print(f"[train] rank {rank}: SIGKILL at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.digests and (manager.should_save(step) or step == args.steps):
+            # Before the save: once a save can commit, the digest of what it holds exists.
+            sums = state_digest(model, opt)
+            if rank == 0:
+                with open(os.path.join(args.digests, f"step-{step}.json"), "w") as f:
+                    json.dump(sums, f)
         handle = manager.save(step, state, force=step == args.steps)
         if handle is not None:
             stalls.append(handle.stall_seconds)
         loss = float(loss_t.detach())
+        if step == start + 1 and rank == 0 and resumed is not None:
+            # Wall-clock marks (time.time(), comparable across processes) for the recovery split.
+            print(f"[train] recovery marks: process start {t_start:.3f}, group up {t_init:.3f}, "
+                  f"restored {t_restored:.3f}, first step done {time.time():.3f}", flush=True)
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
     result = manager.wait()
     manager.close()
     elapsed = time.perf_counter() - t_loop

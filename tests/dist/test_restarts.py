@@ -32,21 +32,22 @@ def _restart_job(root: Path, share_store: bool, restarts: int = 3) -> tuple[int,
 
 def _attempts_past_init(out: str) -> dict[int, set[int]]:
     seen: dict[int, set[int]] = {}
-    for attempt, rank in re.findall(r"^init-ok attempt (\d+) rank (\d+)$", out, re.M):
+    # Not anchored: lines the workers print at the same moment can share a line of torchrun's output.
+    for attempt, rank in re.findall(r"init-ok attempt (\d+) rank (\d)", out):
         seen.setdefault(int(attempt), set()).add(int(rank))
     return seen
 
 
 def _check(out: str, rc: int) -> None:
     inited = _attempts_past_init(out)
-    done = {int(a) for a in re.findall(r"^done attempt (\d+) rank 0$", out, re.M)}
+    done = {int(a) for a in re.findall(r"done attempt (\d+) rank 0", out)}
     assert 0 in inited and 0 not in done, "attempt 0 must start and be killed\n" + out[-4000:]
     # Every restarted attempt whose torch group came up on both ranks restored and finished.
     for attempt, ranks in inited.items():
         if attempt >= 1 and ranks == {0, 1}:
             assert attempt in done, f"attempt {attempt} failed after torch's init\n" + out[-6000:]
             assert rc == 0
-    assert re.search(r"^attempt [1-9]\d*: world 2, resumed \d+$", out, re.M) or rc != 0, out[-4000:]
+    assert re.search(r"attempt [1-9]\d*: world 2, resumed \d+", out) or rc != 0, out[-4000:]
 
 
 def test_restart_with_a_private_store_restores_exactly(tmp_path):
