@@ -136,6 +136,26 @@ def unstorable(tensor: torch.Tensor) -> str | None:
     return None
 
 
+def tied_names(module: torch.nn.Module) -> dict[str, str]:
+    """The state-dict names of ``module`` that name a parameter or buffer already named earlier
+    (an LM head tied to the embedding), each mapped to that first name.
+
+    Found from the module's structure, not from tensor memory, so every rank agrees even where
+    its shard of the tied parameter is empty. Names are the ones ``get_model_state_dict`` uses
+    (DDP's ``module.`` and ``torch.compile``'s prefixes dropped)."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns  # the names get_model_state_dict gives
+
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    named = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        for fqn in sorted(_get_fqns(module, name)):
+            known = first.setdefault(id(tensor), fqn)
+            if known != fqn:
+                out.setdefault(fqn, known)
+    return out
+
+
 def flatten_state(state: dict[str, object], rank: int) -> tuple[list[TensorItem], list[ValueItem]]:
     """Flatten ``state`` into tensor and value items, calling ``state_dict()`` on stateful objects."""
     if not isinstance(state, dict):
@@ -164,26 +184,34 @@ def _walk(
     values: list[ValueItem],
     seen: dict[str, tuple[PathPart, ...]],
     routes: Mapping[int, object],
+    tied: Mapping[str, str] | None = None,
 ) -> None:
     check_depth(path)
     key = join_key(path)
     if isinstance(node, PerRank):
         if per_rank:
             raise StateMismatchError(f"PerRank nested inside PerRank at key {key!r}")
-        _walk(node.value, path, True, rank, tensors, values, seen, routes)
+        _walk(node.value, path, True, rank, tensors, values, seen, routes, tied)
     elif isinstance(node, torch.Tensor):
         _claim(key, path, seen)
+        if tied is not None and key in tied:
+            return  # a tied parameter's second name: its data is saved under the first
         tensors.append(_tensor_item(node, key, path, per_rank, rank))
     elif is_stateful(node):
         # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
         sd = routes.get(id(node), node).state_dict()  # type: ignore[attr-defined]
         if not isinstance(sd, dict):
             raise StateMismatchError(f"state_dict() of {type(node).__name__} at key {key!r} returned a non-dict")
-        _walk(sd, path, per_rank, rank, tensors, values, seen, routes)
+        # A module's tied parameters (an LM head tied to the embedding) are saved once, under the
+        # first name; load restores the others through the tie (loading.py). Only modules: a plain
+        # dict naming one tensor twice may be loaded into two separate tensors, so both are kept.
+        if isinstance(node, torch.nn.Module):
+            tied = {f"{key}/{later}": f"{key}/{first}" for later, first in tied_names(node).items() if first in sd}
+        _walk(sd, path, per_rank, rank, tensors, values, seen, routes, tied)
     elif (not path and isinstance(node, dict)) or (isinstance(node, dict | list | tuple) and contains_tensors(node, key)):
         children = node.items() if isinstance(node, dict) else enumerate(node)
         for part, child in children:
-            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen, routes)
+            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen, routes, tied)
     else:
         _claim(key, path, seen)
         values.append(ValueItem(key, path, encode_value(node, key), per_rank))

@@ -8,14 +8,25 @@ from dataclasses import dataclass, field
 import torch
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.flatten import MAX_NESTING, PerRank, check_depth, check_part, contains_tensors, is_stateful, join_key, unstorable
+from shardckpt.flatten import (
+    MAX_NESTING,
+    PerRank,
+    check_depth,
+    check_part,
+    contains_tensors,
+    is_stateful,
+    join_key,
+    tied_names,
+    unstorable,
+)
 from shardckpt.format.schema import CheckpointIndex, PathPart, TensorEntry, ValueEntry, dtype_name
 from shardckpt.format.values import decode_value
-from shardckpt.layout import local_view
+from shardckpt.layout import local_layout
 from shardckpt.module_state import route_modules
 from shardckpt.pipeline.reader import ReadRequest
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
+from shardckpt.planning.shards import LocalPart
 
 
 @dataclass
@@ -28,6 +39,8 @@ class LoadWalk:
     statefuls: list[tuple[object, dict[str, object]]] = field(default_factory=list)
     consumed: set[tuple[str, int | None]] = field(default_factory=set)
     routes: dict[int, object] = field(default_factory=dict)
+    # While filling a module's state: the keys of its tied parameters' second names.
+    _tied: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.tensors: dict[tuple[str, int | None], TensorEntry] = {(t.key, t.rank): t for t in self.index.tensors}
@@ -62,8 +75,19 @@ class LoadWalk:
             template = target.state_dict()  # type: ignore[attr-defined]
             if not isinstance(template, dict):
                 raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
-            filled = self.fill(template, path, per_rank, optional)
+            # A module's tied parameters were saved once, under the first name (flatten.py).
+            ties = tied_names(node) if isinstance(node, torch.nn.Module) else {}
+            ties = {later: first for later, first in ties.items() if first in template}
+            outer = self._tied
+            self._tied = outer | {f"{key}/{later}" for later in ties}
+            try:
+                filled = self.fill(template, path, per_rank, optional)
+            finally:
+                self._tied = outer
             assert isinstance(filled, dict)
+            for later, first in ties.items():
+                if (f"{key}/{later}", ident[1]) not in self.tensors:
+                    filled[later] = filled[first]  # restored through the tie: the same tensor
             self._materialize(filled, path, per_rank)
             self.statefuls.append((target, filled))
             return node
@@ -111,6 +135,8 @@ class LoadWalk:
     def _fill_tensor(self, tensor: torch.Tensor, key: str, ident: tuple[str, int | None], optional: bool) -> None:
         entry = self.tensors.get(ident)
         if entry is None:
+            if key in self._tied:
+                return  # a tied parameter's second name: filled through the first (fill)
             if not optional:
                 self.missing.append(key if ident[1] is None else f"{key} (rank {ident[1]})")
             return
@@ -118,17 +144,23 @@ class LoadWalk:
         self._check_target(tensor, key)
         if ident[1] is not None:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            shape, box = tuple(local.shape), Box.full(tuple(local.shape))
+            shape = tuple(local.shape)
+            full = Box.full(shape)
+            parts = [LocalPart(full, full)] if full.volume else []
         else:
-            shape, box, local = local_view(tensor, key, self.rank)
+            shape, parts, local = local_layout(tensor, key, self.rank)
         self._check_target(local, key)  # a DTensor's local shard
         if dtype_name(local.dtype) != entry.dtype or shape != entry.shape:
             raise StateMismatchError(
                 f"{self.where}: tensor {key!r} on rank {self.rank}: the checkpoint holds {entry.dtype}"
                 f"{list(entry.shape)}, the target is {dtype_name(local.dtype) or local.dtype}{list(shape)}"
             )
-        if box.volume:
-            self.requests.append(ReadRequest(entry, box, local, plan_reads(entry, box, self.where)))
+        whole = Box.full(tuple(local.shape))
+        for part in parts:
+            # A strided shard holds several boxes of the global tensor: each is read into its own
+            # slice of the local tensor (a view), so only the blocks that overlap it are read.
+            target = local if part.local == whole else local[part.local.slices_within(whole)]
+            self.requests.append(ReadRequest(entry, part.box, target, plan_reads(entry, part.box, self.where)))
 
     def _check_target(self, tensor: torch.Tensor, key: str) -> None:
         # A meta target would "load" without error and hold nothing: copies into it do nothing.
