@@ -1,10 +1,12 @@
 """shardckpt: distributed sharded checkpoints for PyTorch.
 
 Save with ``save`` (or ``async_save``), restore onto any world size with ``load``, check with
-``verify``, inspect with ``read_index``. Every failure is a ``CheckpointError``.
+``verify``, inspect with ``read_index``, read without a target state with ``load_all`` (or
+``CheckpointReader``, one tensor at a time), export to Hugging Face safetensors with
+``export_safetensors``. Every failure is a ``CheckpointError``.
 """
 
-from shardckpt.api import VerifyReport, load, read_index, save, verify
+from shardckpt.api import ByRank, CheckpointReader, VerifyReport, load, load_all, read_index, save, verify
 from shardckpt.async_save import SaveHandle, async_save, shutdown
 from shardckpt.errors import (
     CheckpointError,
@@ -21,6 +23,7 @@ from shardckpt.errors import (
     StateMismatchError,
 )
 from shardckpt.flatten import PerRank
+from shardckpt.interop.safetensors import ExportError, ExportResult, export_safetensors
 from shardckpt.manager import CheckpointManager, committed_steps
 from shardckpt.options import CompressionOptions
 from shardckpt.saving import SaveResult
@@ -29,14 +32,18 @@ from shardckpt.training import ModelOptimizerState, ResumableSampler, RNGState, 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ByRank",
     "CheckpointError",
     "CheckpointIOError",
     "CheckpointInUseError",
     "CheckpointManager",
+    "CheckpointReader",
     "CheckpointNotFoundError",
     "CommunicationError",
     "CompressionOptions",
     "CorruptCheckpointError",
+    "ExportError",
+    "ExportResult",
     "IncompleteCheckpointError",
     "IndexFormatError",
     "MissingKeysError",
@@ -52,7 +59,9 @@ __all__ = [
     "VerifyReport",
     "async_save",
     "committed_steps",
+    "export_safetensors",
     "load",
+    "load_all",
     "read_index",
     "save",
     "seed_everything",

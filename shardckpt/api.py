@@ -5,20 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
+import torch
 import torch.distributed as dist
 
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
 from shardckpt.errors import CorruptCheckpointError, MissingKeysError, StateMismatchError
-from shardckpt.format.schema import DATA_DIR, CheckpointIndex, TensorEntry
+from shardckpt.flatten import join_key
+from shardckpt.format.schema import DATA_DIR, CheckpointIndex, PathPart, TensorEntry, ValueEntry
+from shardckpt.format.values import decode_value
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
-from shardckpt.pipeline.reader import check_files, execute_reads, read_block, run_bounded
+from shardckpt.pipeline.reader import ReadRequest, check_files, execute_reads, read_block, run_bounded
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
@@ -189,3 +193,159 @@ def verify(path: PathLike) -> VerifyReport:
     return VerifyReport(
         where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored(), orphans
     )
+
+
+class ByRank(dict[int, object]):
+    """A per-rank entry (saved inside :class:`shardckpt.PerRank`) as ``load_all`` returns it: saving
+    rank -> that rank's tensor or value. Its own type, so that it is never mistaken for a dict
+    with int keys that the state itself held."""
+
+
+class CheckpointReader:
+    """Read-only access to one checkpoint with no target state: its index, and any tensor (or any
+    box of one) as a plain CPU tensor, read and verified on demand. ``load_all`` and the
+    safetensors export are built on it; use it to stream a large checkpoint one tensor at a time.
+
+    Memory is allocated only for what is read, and only after the data files holding it have been
+    checked against the index (size and header): the index is validated against the declared file
+    sizes, so a hostile index cannot make a read allocate more than the files really hold.
+
+    Example::
+
+        with shardckpt.CheckpointReader("ckpt/step-100") as reader:
+            for entry in reader.select(["model"])[0]:
+                print(entry.key, reader.read(entry).norm())
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.where = str(path)
+        self._storage = open_storage(path)
+        try:
+            self.index = read_committed_index(self._storage)
+        except BaseException:
+            self._storage.close()
+            raise
+        self._checked: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._storage.close()
+
+    def select(self, keys: str | Iterable[str] | None = None) -> tuple[list[TensorEntry], list[ValueEntry]]:
+        """The tensor and value entries under ``keys`` (each a key like ``model/layers.0.weight``
+        or a prefix of whole path parts like ``model``; None: all), per-rank ones included.
+        A key that selects nothing raises ``MissingKeysError`` naming it."""
+        tensors, values = list(self.index.tensors), list(self.index.values)
+        if keys is None:
+            return tensors, values
+        wanted = [keys] if isinstance(keys, str) else list(keys)
+        entries: list[TensorEntry | ValueEntry] = [*tensors, *values]
+        unmatched = [k for k in wanted if not any(_under(e.key, k) for e in entries)]
+        if unmatched:
+            tops = sorted({str(e.path[0]) for e in entries if e.path})
+            raise MissingKeysError(
+                f"{self.where}: keys not in the checkpoint: {', '.join(repr(k) for k in unmatched)} "
+                f"(top-level keys: {', '.join(tops[:20]) or 'none'}; nested keys are joined with '/')"
+            )
+        return ([e for e in tensors if any(_under(e.key, k) for k in wanted)],
+                [e for e in values if any(_under(e.key, k) for k in wanted)])
+
+    def check(self, entries: Iterable[TensorEntry]) -> None:
+        """Check the data files holding ``entries`` (size and header) before anything is allocated
+        for them; ``read`` does it too, this makes a bad file fail before a long job starts."""
+        files = {b.file for e in entries for b in e.blocks} - self._checked
+        if files:
+            check_files(self._storage, self.index, files, self.where)
+            self._checked |= files
+
+    def read(self, entry: TensorEntry, box: Box | None = None) -> torch.Tensor:
+        """The tensor of ``entry`` (or only ``box`` of it), verified and decoded, on the CPU."""
+        needed = Box.full(entry.shape) if box is None else box
+        reads = plan_reads(entry, needed, self.where)
+        if needed.volume == 0:
+            return torch.empty(needed.sizes, dtype=entry.torch_dtype)
+        self.check([entry])
+        # Sized by execute_reads, after the check above (see ReadRequest.allocate).
+        request = ReadRequest(entry, needed, torch.empty(0, dtype=entry.torch_dtype), reads, True)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-read")
+        execute_reads(self._storage, self.index, [request], self._pool, self.where)
+        return request.target
+
+    def value(self, entry: ValueEntry) -> object:
+        """The decoded value of ``entry``."""
+        return decode_value(entry.value, f"{self.where}: value {entry.key!r}")
+
+
+def load_all(
+    path: PathLike, keys: str | Iterable[str] | None = None, *, per_rank: Literal["by_rank", "skip"] = "by_rank"
+) -> dict[str, object]:
+    """The checkpoint's state with no template: plain CPU tensors and decoded values, nested as saved.
+
+    ``keys`` selects entries: each a full key (``"model/layers.0.weight"``) or a prefix of whole
+    path parts (``"model"``); a key that selects nothing raises ``MissingKeysError``. Sharded
+    tensors come back whole (gathered from every rank's blocks). For inspection and export, in one
+    process; no torch.distributed is needed. Every data file read is checked against the index
+    before any tensor is allocated, and every block against its checksum.
+
+    What comes back differs from what was saved in two ways the index cannot tell:
+
+    - Containers that held tensors come back as dicts; a list among them is a dict keyed
+      ``0..n-1``. (Containers without tensors were stored whole and come back exactly.)
+    - A module or optimizer comes back as its state dict; a module's tied parameter only under its
+      first name (docs/parallel_layouts.md).
+
+    Per-rank entries (saved inside :class:`shardckpt.PerRank`) come back as a :class:`ByRank`
+    dict, saving rank -> value, in place of each tensor or value; ``per_rank="skip"`` leaves them out.
+
+    Example::
+
+        state = shardckpt.load_all("ckpt/step-100", ["model", "step"])
+        state["model"]["layers.0.weight"].shape, state["step"]
+    """
+    if per_rank not in ("by_rank", "skip"):
+        raise StateMismatchError(f"per_rank must be 'by_rank' or 'skip', not {per_rank!r}")
+    with CheckpointReader(path) as reader:
+        tensors, values = reader.select(keys)
+        if per_rank == "skip":
+            tensors = [t for t in tensors if t.rank is None]
+            values = [v for v in values if v.rank is None]
+        reader.check(tensors)  # every file, before the first tensor is allocated
+        state: dict[str, object] = {}
+        for t in tensors:
+            _place(state, t.path, t.rank, reader.read(t), reader.where)
+        for v in values:
+            _place(state, v.path, v.rank, reader.value(v), reader.where)
+    return state
+
+
+def _under(key: str, selector: str) -> bool:
+    return key == selector or key.startswith(selector + "/")
+
+
+def _place(root: dict[str, object], path: tuple[PathPart, ...], rank: int | None, value: object, where: str) -> None:
+    node: dict[PathPart, object] = root  # type: ignore[assignment]
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict) or isinstance(child, ByRank):
+            raise CorruptCheckpointError(
+                f"{where}: entries {join_key(path[: i + 1])!r} and {join_key(path)!r} cannot both exist in one state"
+            )
+        node = child
+    last = path[-1] if path else ""
+    clash = last in node and (rank is None or not isinstance(node[last], ByRank) or rank in node[last])  # type: ignore[operator]
+    if clash:
+        raise CorruptCheckpointError(f"{where}: entry {join_key(path)!r} appears twice, or with entries below it")
+    if rank is None:
+        node[last] = value
+    else:
+        node.setdefault(last, ByRank())[rank] = value  # type: ignore[index]

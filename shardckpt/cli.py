@@ -7,8 +7,17 @@
                                       3 when all pass but some hold orphaned files of a torn save)
     shardckpt convert SRC DST [--compression zstd|none] [--from shardckpt|dcp|torch] [--overwrite]
                                       rewrite as shardckpt (gathered in one process)
+    shardckpt export CKPT OUT --format safetensors [--key model] [--prefix-strip P] [--dtype bf16|fp16|fp32]
+                     [--max-shard-size 5GB] [--tie LATER=FIRST ...] [--overwrite] [--json]
+                                      write Hugging Face safetensors shards (+ model.safetensors.index.json),
+                                      streamed one tensor piece at a time (docs/interop.md)
 
 ls, inspect and verify only read: they never write or delete anything.
+
+Exit codes: 0 success; 1 verify found a bad checkpoint (or ls an unreadable step); 2 any other
+error, printed as one line naming its CheckpointError class (a missing checkpoint, an unknown
+--key, an OUT that already holds an export without --overwrite, a bad --max-shard-size), and
+also a usage error from argparse; 3 verify passed but found orphaned files.
 """
 
 from __future__ import annotations
@@ -146,6 +155,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from shardckpt.interop.safetensors import ExportError, export_safetensors
+
+    tied: dict[str, str] = {}
+    for pair in args.tie or []:
+        later, sep, first = pair.partition("=")
+        if not sep or not later or not first:
+            raise ExportError(f"--tie {pair!r}: write it as LATER=FIRST (lm_head.weight=model.embed_tokens.weight)")
+        tied[later] = first
+    r = export_safetensors(args.ckpt, args.out, key=args.key, prefix_strip=args.prefix_strip, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, tied=tied, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"out": r.out, "files": list(r.files), "tensors": r.tensors, "total_size": r.total_size,
+                          "skipped_per_rank": list(r.skipped_per_rank), "skipped_values": r.skipped_values,
+                          "tied": dict(r.tied)}, indent=1))
+        return 0
+    print(f"{args.ckpt} -> {args.out}: {r.tensors} tensors, {_mb(r.total_size)} in {len(r.files)} file(s)"
+          + (f", tied {dict(r.tied)} written once" if r.tied else ""))
+    if r.skipped_per_rank or r.skipped_values:
+        print(f"  not exported: {r.skipped_values} value(s) and {len(r.skipped_per_rank)} per-rank tensor(s) "
+              "(safetensors holds one tensor per name)")
+    return 0
+
+
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """convert never writes into its source, and replaces a checkpoint only when asked to."""
     s, d = src.resolve(), dst.resolve()
@@ -170,7 +203,7 @@ def _put(root: dict[str, object], path: tuple[str | int, ...], value: object) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="shardckpt", description="Inspect, verify and convert shardckpt checkpoints.")
+    ap = argparse.ArgumentParser(prog="shardckpt", description="Inspect, verify, convert and export shardckpt checkpoints.")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="committed steps under a manager root")
     p.add_argument("root")
@@ -191,6 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", choices=["zstd", "none"], default="zstd")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST (atomically)")
     p.set_defaults(fn=cmd_convert)
+    p = sub.add_parser("export", help="write a checkpoint's tensors as Hugging Face safetensors (streamed)")
+    p.add_argument("ckpt")
+    p.add_argument("out", help="a local directory; other files in it (config.json) are left alone")
+    p.add_argument("--format", choices=["safetensors"], default="safetensors")
+    p.add_argument("--key", help="the subtree to export, nested keys joined with '/' (e.g. model)")
+    p.add_argument("--prefix-strip", help="removed from the start of tensor names (e.g. _orig_mod.)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors (others are kept)")
+    p.add_argument("--max-shard-size", default="5GB", help="bytes per file: 5GB (default), 500MB, 2GiB, ...")
+    p.add_argument("--tie", action="append", metavar="LATER=FIRST",
+                   help="write LATER once, as FIRST (checked to be equal); for state dicts saved as plain dicts")
+    p.add_argument("--overwrite", action="store_true", help="replace an export already in OUT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_export)
     args = ap.parse_args(argv)
     try:
         return int(args.fn(args))
