@@ -9,21 +9,25 @@ Save with ``save`` (or ``async_save``), restore onto any world size with ``load`
 from shardckpt.api import ByRank, CheckpointReader, VerifyReport, load, load_all, read_index, save, verify
 from shardckpt.async_save import SaveHandle, async_save, shutdown
 from shardckpt.errors import (
+    BucketNotFoundError,
     CheckpointError,
     CheckpointInUseError,
     CheckpointIOError,
     CheckpointNotFoundError,
     CommunicationError,
     CorruptCheckpointError,
+    ExportError,
     IncompleteCheckpointError,
     IndexFormatError,
     MissingKeysError,
     RankFailedError,
     ReplicaMismatchError,
     StateMismatchError,
+    StorageAccessError,
+    UnsupportedStorageError,
 )
 from shardckpt.flatten import PerRank
-from shardckpt.interop.safetensors import ExportError, ExportResult, export_safetensors
+from shardckpt.interop.safetensors import ExportResult, export_safetensors
 from shardckpt.manager import CheckpointManager, committed_steps
 from shardckpt.options import CompressionOptions
 from shardckpt.saving import SaveResult
@@ -32,6 +36,7 @@ from shardckpt.training import ModelOptimizerState, ResumableSampler, RNGState, 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BucketNotFoundError",
     "ByRank",
     "CheckpointError",
     "CheckpointIOError",
@@ -56,6 +61,8 @@ __all__ = [
     "SaveHandle",
     "SaveResult",
     "StateMismatchError",
+    "StorageAccessError",
+    "UnsupportedStorageError",
     "VerifyReport",
     "async_save",
     "committed_steps",

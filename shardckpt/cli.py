@@ -156,7 +156,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from shardckpt.interop.safetensors import ExportError, export_safetensors
+    from shardckpt.errors import ExportError
+    from shardckpt.interop.safetensors import export_safetensors
 
     tied: dict[str, str] = {}
     for pair in args.tie or []:

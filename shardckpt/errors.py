@@ -79,3 +79,8 @@ class StorageAccessError(CheckpointIOError):
 class BucketNotFoundError(CheckpointIOError):
     """The object-store bucket named in the URL does not exist. A configuration mistake, not "no
     checkpoint yet": it must not look like an empty location that a job may start fresh from."""
+
+
+class ExportError(CheckpointError):
+    """The export cannot be done as asked: a bad option (size, dtype, tie), names that clash, a
+    tensor safetensors cannot hold, or a destination that already holds an export."""

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from shardckpt.api import CheckpointReader, PathLike
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError, CheckpointIOError
+from shardckpt.errors import CheckpointError, CheckpointIOError, ExportError
 from shardckpt.format.schema import TensorEntry
 from shardckpt.planning.boxes import Box, split_box
 
@@ -66,11 +66,6 @@ CAST_DTYPES: dict[str, torch.dtype] = {
 }
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-class ExportError(CheckpointError):
-    """The export cannot be done as asked: a bad option (size, dtype, tie), names that clash, a
-    tensor safetensors cannot hold, or a destination that already holds an export."""
 
 
 @dataclass(frozen=True)
