@@ -31,6 +31,7 @@ from shardckpt.interop.safetensors import ExportResult, export_safetensors
 from shardckpt.manager import CheckpointManager, committed_steps
 from shardckpt.options import CompressionOptions
 from shardckpt.saving import SaveResult
+from shardckpt.storage.s3 import S3Options
 from shardckpt.training import ModelOptimizerState, ResumableSampler, RNGState, seed_everything
 
 __version__ = "0.1.0"
@@ -57,6 +58,7 @@ __all__ = [
     "RNGState",
     "RankFailedError",
     "ReplicaMismatchError",
+    "S3Options",
     "ResumableSampler",
     "SaveHandle",
     "SaveResult",

@@ -27,6 +27,7 @@ from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
 from shardckpt.storage import Storage, open_storage
+from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
@@ -40,6 +41,7 @@ def save(
     compression: Compression = "zstd",
     check_replicas: bool = True,
     metadata: Mapping[str, object] | None = None,
+    s3: S3Options | None = None,
 ) -> SaveResult:
     """Save ``state`` to the directory ``path``; collective over the process group.
 
@@ -53,6 +55,10 @@ def save(
     keyed by parameter name): an optimizer is paired with the module in ``state`` that owns its
     parameters, and the checkpoint is the one ``get_state_dict(model, optim)`` would give.
 
+    ``path`` may be an ``s3://bucket/prefix`` URL; ``s3`` then overrides the AWS environment
+    (endpoint, credentials, region, part size; see ``S3Options``). ``load``, ``verify``,
+    ``async_save``, ``load_all`` and ``CheckpointManager`` take the same ``s3`` keyword.
+
     Example::
 
         shardckpt.save({"model": model, "optim": optim, "step": step}, "ckpt/step-100")
@@ -60,7 +66,7 @@ def save(
     comm = Comm.for_group(process_group)
     options = compression_options(compression)
     t0 = time.perf_counter()
-    prep = prepare_save(state, path, comm, options, check_replicas, metadata)
+    prep = prepare_save(state, path, comm, options, check_replicas, metadata, s3=s3)
     try:
         with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
             # Hashing replicas can fail too (a device error): inside the gather, like staging.
@@ -80,6 +86,7 @@ def load(
     *,
     process_group: dist.ProcessGroup | None = None,
     strict: bool = True,
+    s3: S3Options | None = None,
 ) -> None:
     """Fill ``state`` in place from the checkpoint at ``path``; collective.
 
@@ -97,7 +104,7 @@ def load(
         shardckpt.load({"model": model, "optim": optim, "step": 0}, "ckpt/step-100")
     """
     comm = Comm.for_group(process_group)
-    storage = open_storage(path)
+    storage = open_storage(path, s3=s3)
     where = str(path)
     try:
         index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
@@ -148,10 +155,10 @@ def _read_index_and_id(storage: Storage) -> tuple[CheckpointIndex, object]:
     return index, index.save_id
 
 
-def read_index(path: PathLike) -> CheckpointIndex:
+def read_index(path: PathLike, *, s3: S3Options | None = None) -> CheckpointIndex:
     """The checkpoint's metadata (tensors, blocks, values, files) with no torch.distributed needed.
     Values are in their stored typed-JSON form; ``shardckpt.format.values.decode_value`` decodes them."""
-    return read_committed_index(open_storage(path))
+    return read_committed_index(open_storage(path, s3=s3))
 
 
 @dataclass(frozen=True)
@@ -167,11 +174,11 @@ class VerifyReport:
     orphans: tuple[str, ...] = ()
 
 
-def verify(path: PathLike) -> VerifyReport:
+def verify(path: PathLike, *, s3: S3Options | None = None) -> VerifyReport:
     """Re-read every stored byte against its checksum and decode it; raises a CheckpointError on any
     missing, truncated, swapped or corrupt data file or block. Files the index does not name are
     reported in ``orphans``, not raised. Reads only: nothing is written or deleted."""
-    storage = open_storage(path)
+    storage = open_storage(path, s3=s3)
     where = str(path)
     try:
         index = read_committed_index(storage)
@@ -217,9 +224,9 @@ class CheckpointReader:
                 print(entry.key, reader.read(entry).norm())
     """
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, *, s3: S3Options | None = None) -> None:
         self.where = str(path)
-        self._storage = open_storage(path)
+        self._storage = open_storage(path, s3=s3)
         try:
             self.index = read_committed_index(self._storage)
         except BaseException:
@@ -287,7 +294,11 @@ class CheckpointReader:
 
 
 def load_all(
-    path: PathLike, keys: str | Iterable[str] | None = None, *, per_rank: Literal["by_rank", "skip"] = "by_rank"
+    path: PathLike,
+    keys: str | Iterable[str] | None = None,
+    *,
+    per_rank: Literal["by_rank", "skip"] = "by_rank",
+    s3: S3Options | None = None,
 ) -> dict[str, object]:
     """The checkpoint's state with no template: plain CPU tensors and decoded values, nested as saved.
 
@@ -314,7 +325,7 @@ def load_all(
     """
     if per_rank not in ("by_rank", "skip"):
         raise StateMismatchError(f"per_rank must be 'by_rank' or 'skip', not {per_rank!r}")
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path, s3=s3) as reader:
         tensors, values = reader.select(keys)
         if per_rank == "skip":
             tensors = [t for t in tensors if t.rank is None]

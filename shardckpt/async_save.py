@@ -29,6 +29,7 @@ from shardckpt.options import Compression, compression_options, io_threads, stag
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite
 from shardckpt.saving import PreparedSave, SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
+from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -117,6 +118,7 @@ class AsyncSaver:
         metadata: Mapping[str, object] | None,
         lazy: bool,
         budget_bytes: int | None = None,
+        s3: S3Options | None = None,
     ) -> SaveHandle:
         t0 = time.perf_counter()
         unseen = self._wait_previous()
@@ -129,7 +131,7 @@ class AsyncSaver:
                 raise unseen
 
         prep = prepare_save(
-            state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck
+            state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck, s3=s3
         )
         feed: queue.Queue[object] = queue.Queue()
         hashes: dict[str, str] = {}
@@ -350,6 +352,7 @@ def async_save(
     metadata: Mapping[str, object] | None = None,
     lazy: bool = False,
     staging_budget_bytes: int | None = None,
+    s3: S3Options | None = None,
 ) -> SaveHandle:
     """Start a save and return once a consistent snapshot exists; collective.
 
@@ -393,7 +396,7 @@ def async_save(
             _close_quietly(stale)
         if saver is None:
             saver = _SAVERS[_key(comm)] = AsyncSaver(comm, staging_budget())
-    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy, staging_budget_bytes)
+    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy, staging_budget_bytes, s3)
 
 
 def _key(comm: Comm) -> object:

@@ -36,16 +36,17 @@ from shardckpt.options import Compression
 from shardckpt.pipeline.reader import check_files
 from shardckpt.saving import SaveResult
 from shardckpt.storage import Storage, open_storage, parse_location
+from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
 # A failed load of these kinds means the step's bytes are bad: restore may try an older step.
 _DATA_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointIOError)
 
 
-def committed_steps(root: str | os.PathLike[str]) -> list[int]:
+def committed_steps(root: str | os.PathLike[str], *, s3: S3Options | None = None) -> list[int]:
     """The committed steps under a manager root (a directory or URL), ascending. Reads only; no
     manager needed."""
-    storage = open_storage(root)
+    storage = open_storage(root, s3=s3)
     try:
         return _committed(storage)
     finally:
@@ -56,11 +57,11 @@ def _committed(root: Storage) -> list[int]:
     return sorted(s for s, name in cleanup.step_dirs(root).items() if cleanup.is_committed(root, name))
 
 
-def incomplete_reason(path: str | os.PathLike[str]) -> str | None:
+def incomplete_reason(path: str | os.PathLike[str], s3: S3Options | None = None) -> str | None:
     """Why the checkpoint at ``path`` cannot load (index unreadable, a data file missing, of the
     wrong size or header), or None when it is complete. Reads the index and 64 bytes a file."""
     try:
-        storage = open_storage(path)
+        storage = open_storage(path, s3=s3)
     except CheckpointError as e:
         return f"{type(e).__name__}: {e}"
     try:
@@ -101,6 +102,7 @@ class CheckpointManager:
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
         compression: Compression = "zstd",
+        s3: S3Options | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every), ("save_interval", save_interval)):
             if value is not None and value < 1:
@@ -109,7 +111,8 @@ class CheckpointManager:
         self._where = where
         # A Path for a local root (as before); the URL for an object-store root.
         self.root: Path | str = where.path if where.path is not None else where.url
-        self._storage = open_storage(root)
+        self.s3 = s3
+        self._storage = open_storage(root, s3=s3)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.save_interval = save_interval
@@ -158,9 +161,11 @@ class CheckpointManager:
         path = self.path_for(step)
         metadata = {"step": step}
         if not self.async_save:
-            return save(state, path, process_group=self.process_group, compression=self.compression, metadata=metadata)
+            return save(
+                state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
+            )
         handle = start_async_save(
-            state, path, process_group=self.process_group, compression=self.compression, metadata=metadata
+            state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
         )
         self._pending = (step, handle)
         return handle
@@ -185,7 +190,7 @@ class CheckpointManager:
             if not self.comm.is_coordinator:
                 return None, None
             if step is not None:
-                reason = incomplete_reason(self.path_for(step)) if step in self.steps() else "not committed"
+                reason = incomplete_reason(self.path_for(step), self.s3) if step in self.steps() else "not committed"
                 if reason is not None:
                     raise CheckpointNotFoundError(f"step {step} under {self.root} cannot be restored: {reason}")
                 return None, [step]
@@ -195,7 +200,7 @@ class CheckpointManager:
         candidates = [int(s) for s in gathered[0]]  # type: ignore[attr-defined]
         for i, chosen in enumerate(candidates):
             try:
-                load(state, self.path_for(chosen), process_group=self.process_group, strict=strict)
+                load(state, self.path_for(chosen), process_group=self.process_group, strict=strict, s3=self.s3)
             except CheckpointError as e:
                 if i + 1 == len(candidates) or not self._agree_to_fall_back(e):
                     raise
@@ -236,7 +241,7 @@ class CheckpointManager:
         steps = self.steps()
         complete = []
         for s in reversed(steps):
-            reason = incomplete_reason(self.path_for(s))
+            reason = incomplete_reason(self.path_for(s), self.s3)
             if reason is None:
                 complete.append(s)
             else:

@@ -32,6 +32,8 @@ from shardckpt.storage.faults import hit
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from shardckpt.storage.s3 import S3Options
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +92,7 @@ def prepare_save(
     check_replicas: bool,
     metadata: Mapping[str, object] | None = None,
     precheck: Callable[[], None] | None = None,
+    s3: S3Options | None = None,
 ) -> PreparedSave:
     """Flatten the state on every rank, gather the metadata, and plan who writes what.
 
@@ -109,7 +112,7 @@ def prepare_save(
         if precheck is not None:
             precheck()
         hit("flatten")
-        storage = open_storage(path)
+        storage = open_storage(path, s3=s3)
         # Encode now: metadata that cannot be stored must fail before any data file exists.
         encoded_metadata = cast("dict[str, object]", encode_value(dict(metadata or {}), "metadata"))
         if comm.is_coordinator:

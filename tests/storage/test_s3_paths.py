@@ -207,3 +207,34 @@ def test_save_at_n_ranks_load_at_m_on_s3(s3_env: MotoS3, s3_prefix: str):
     assert index.exists("index.json") and len(index.list("data")) == 2
     for m in (1, 3):
         assert run_ranks(m, _load_ranks, env, [url]) == [[] for _ in range(m)], f"save at 2, load at {m}"
+
+
+def test_keyword_overrides_reach_every_path(moto_s3: MotoS3, s3_prefix: str, monkeypatch: pytest.MonkeyPatch):
+    # The environment points at a closed port with made-up keys: only the s3= overrides can work.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    opts = shardckpt.S3Options(endpoint_url=moto_s3.endpoint, access_key_id=moto_s3.key,
+                               secret_access_key=moto_s3.secret, max_attempts=1, connect_timeout=2.0)
+    url = moto_s3.url(s3_prefix, "ckpt")
+    state = {"w": torch.arange(40, dtype=torch.float32).reshape(8, 5), "step": 3}
+    shardckpt.save(state, url, s3=opts)
+    got = {"w": torch.zeros(8, 5), "step": 0}
+    shardckpt.load(got, url, s3=opts)
+    assert torch.equal(got["w"], state["w"]) and got["step"] == 3
+    assert shardckpt.verify(url, s3=opts).tensors == 1
+    assert torch.equal(shardckpt.load_all(url, s3=opts)["w"], state["w"])  # type: ignore[arg-type]
+    shardckpt.async_save(state, moto_s3.url(s3_prefix, "async"), s3=opts).wait(timeout=60)
+    assert shardckpt.read_index(moto_s3.url(s3_prefix, "async"), s3=opts).tensors[0].key == "w"
+
+    root = moto_s3.url(s3_prefix, "run")
+    manager = shardckpt.CheckpointManager(root, keep_last=2, s3=opts)
+    for step in (1, 2, 3):
+        manager.save(step, {"w": state["w"] + step})
+    manager.wait()
+    target = {"w": torch.zeros(8, 5)}
+    assert manager.restore(target) == 3 and torch.equal(target["w"], state["w"] + 3)
+    manager.close()  # retention runs at the next save and in close()
+    assert shardckpt.committed_steps(root, s3=opts) == [2, 3]
