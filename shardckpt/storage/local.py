@@ -116,6 +116,12 @@ class LocalStorage:
 
     def list_dirs(self, subdir: str = "") -> list[str]:
         """Real directories directly in ``subdir`` (links are not listed); [] if it is missing."""
+        return self._scan(subdir, lambda e: e.is_dir(follow_symlinks=False))
+
+    def _scan(self, subdir: str, keep: Callable[[os.DirEntry[str]], bool]) -> list[str]:
+        """Sorted names of the entries directly in ``subdir`` that ``keep`` accepts; [] if it is
+        missing. ``keep`` runs while the directory is open: an entry's type may need a stat
+        relative to it."""
         path = self.root / subdir
         try:
             fd = self._open_dir(subdir, _READ)
@@ -124,8 +130,8 @@ class LocalStorage:
         except OSError as e:
             raise _os_error(f"cannot list {path}", e) from e
         try:
-            with os.scandir(fd) as entries:
-                return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            with os.scandir(fd) as entries:  # scandir works on its own duplicate of fd
+                return sorted(e.name for e in entries if keep(e))
         except OSError as e:
             raise _os_error(f"cannot list {path}", e) from e
         finally:
@@ -239,20 +245,7 @@ class LocalStorage:
 
     def list(self, subdir: str) -> list[str]:
         """The regular files directly in ``subdir`` (links and others are not listed); [] if it is missing."""
-        path = self.root / subdir
-        try:
-            fd = self._open_dir(subdir, _READ)
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise _os_error(f"cannot list {path}", e) from e
-        try:
-            with os.scandir(fd) as entries:  # scandir works on its own duplicate of fd
-                return sorted(f"{subdir}/{e.name}" for e in entries if e.is_file(follow_symlinks=False))
-        except OSError as e:
-            raise _os_error(f"cannot list {path}", e) from e
-        finally:
-            os.close(fd)
+        return [f"{subdir}/{name}" for name in self._scan(subdir, lambda e: e.is_file(follow_symlinks=False))]
 
     def delete(self, name: str) -> None:
         """Remove ``name`` (a link is removed itself, never its target); a missing file is no error."""
