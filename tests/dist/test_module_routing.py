@@ -10,22 +10,9 @@ from torch import nn
 
 import shardckpt
 from tests.dist.harness import run_ranks
+from tests.dist.test_fsdp import _sharded  # the same uneven FSDP2 model and AdamW
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _sharded(world_size: int, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(13, 27), nn.ReLU(), nn.Linear(27, 3))  # uneven shards
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> torch.Tensor:

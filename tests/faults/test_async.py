@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import shardckpt
-from shardckpt.pipeline.staging import DeviceCopier
 from shardckpt.storage import faults
 from shardckpt.storage.local import DataFileWriter
 
@@ -148,22 +147,14 @@ def test_no_leaks_across_50_saves(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == fds0
 
 
-def test_lazy_snapshot_blocks_the_optimizer_step(tmp_path, monkeypatch):
+def test_lazy_snapshot_blocks_the_optimizer_step(tmp_path, held_copy):
     model = torch.nn.Linear(256, 256)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     want = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # Hold the snapshot inside its first copy until the test lets it go, so that the optimizer
-    # step below surely comes while the copy is in progress (a real copy of this model would
-    # finish long before backward does, and the step would never meet the gate).
-    copying, release = threading.Event(), threading.Event()
-    real_copy = DeviceCopier.copy
-
-    def held_copy(self, dst, src):
-        copying.set()
-        release.wait(60)
-        return real_copy(self, dst, src)
-
-    monkeypatch.setattr(DeviceCopier, "copy", held_copy)
+    # The snapshot is held inside its first copy until ``release``, so that the optimizer step
+    # below surely comes while the copy is in progress (a real copy of this model would finish
+    # long before backward does, and the step would never meet the gate).
+    copying, release = held_copy
     timer = threading.Timer(0.5, release.set)
     try:
         handle = shardckpt.async_save({"model": model}, tmp_path / "lazy", lazy=True)
