@@ -167,6 +167,25 @@ def recovery(text: str, t_loss: float) -> dict[str, float]:
             "first_step_s": first - restored, "total_s": first - t_loss}
 
 
+def await_restore(nodes: list[Node], world: int, t_event: float, timeout: float,
+                  marks: dict[str, int] | None = None) -> dict[str, float]:
+    """Wait for the job to restore at ``world`` ranks and run its first step; return the restored
+    step and the recovery split since ``t_event``. Only what the nodes logged after ``marks`` (or
+    from now) counts; rank 0, which prints, may be on any live node."""
+    marks = marks if marks is not None else {n.name: len(n.text()) for n in nodes}
+
+    def since() -> str:
+        return "".join(n.text()[marks.get(n.name, 0):] for n in nodes)
+
+    found = wait_for(f"the {world}-rank restore", lambda: re.search(
+        rf"attempt \d+: {world} ranks, resumed from step (\d+)", since()), timeout, nodes)
+    step = int(found.group(1))  # type: ignore[union-attr]
+    wait_for(f"the {world}-rank restore check and first step", lambda: "recovery marks" in since(), timeout, nodes)
+    if f"restore check: step {step} bit-identical at {world} ranks" not in since():
+        raise SystemExit(f"[node-loss] the {world}-rank restore was not checked")
+    return {"resumed_step": step, **recovery(since(), t_event)}
+
+
 def split(r: object) -> str:
     assert isinstance(r, dict)
     return (f"recovery {r['total_s']:.1f} s = rendezvous {r['detect_and_rendezvous_s']:.1f} + init {r['init_s']:.2f} "
@@ -211,18 +230,8 @@ def main() -> None:
         print(f"[node-loss] node1 SIGKILLed (agent and both workers); committed steps {before}", flush=True)
         nodes = [node0]
         # 3. Shrink: node0 alone, 2 ranks, resumed and checked.
-        marks = {n.name: len(n.text()) for n in nodes}
-
-        def since() -> str:  # what the live nodes logged after the marks (rank 0 may be on any)
-            return "".join(n.text()[marks.get(n.name, 0):] for n in nodes)
-
-        shrink = wait_for("the 2-rank restore", lambda: re.search(
-            r"attempt \d+: 2 ranks, resumed from step (\d+)", since()), args.timeout, nodes)
-        resumed2 = int(shrink.group(1))  # type: ignore[union-attr]
-        wait_for("the 2-rank restore check and first step", lambda: "recovery marks" in since(), args.timeout, nodes)
-        summary["shrink"] = {"resumed_step": resumed2, **recovery(since(), t_loss)}
-        if f"restore check: step {resumed2} bit-identical at 2 ranks" not in since():
-            raise SystemExit("[node-loss] the 2-rank restore was not checked")
+        summary["shrink"] = await_restore(nodes, 2, t_loss, args.timeout)
+        resumed2 = int(summary["shrink"]["resumed_step"])
         print(f"[node-loss] shrink: 2 ranks resumed from step {resumed2} (4 -> 2), bit-identical; "
               f"{split(summary['shrink'])}", flush=True)
         # 4. Grow: once the 2-rank job has committed a step of its own, a replacement node joins.
@@ -233,15 +242,9 @@ def main() -> None:
         node2 = Node("node2", out, port, train)
         started.append(node2)
         nodes = [node0, node2]
-        grow = wait_for("the 4-rank restore", lambda: re.search(
-            r"attempt \d+: 4 ranks, resumed from step (\d+)", since()), args.timeout, nodes)
-        resumed4 = int(grow.group(1))  # type: ignore[union-attr]
-        wait_for("the 4-rank restore check and first step", lambda: "recovery marks" in since(), args.timeout, nodes)
-        summary["grow"] = {"resumed_step": resumed4, **recovery(since(), t_join)}
-        if f"restore check: step {resumed4} bit-identical at 4 ranks" not in since():
-            raise SystemExit("[node-loss] the 4-rank restore was not checked")
-        print(f"[node-loss] grow: 4 ranks resumed from step {resumed4} (2 -> 4), bit-identical; "
-              f"{split(summary['grow'])}", flush=True)
+        summary["grow"] = await_restore(nodes, 4, t_join, args.timeout, marks)
+        print(f"[node-loss] grow: 4 ranks resumed from step {summary['grow']['resumed_step']} (2 -> 4), "
+              f"bit-identical; {split(summary['grow'])}", flush=True)
         # 5. The job finishes at 4 ranks.
         for n in nodes:
             try:
