@@ -67,6 +67,16 @@ def collect(root: Storage, keep_last: int | None, keep_every: int | None) -> lis
         if _remove_step(root, name, "torn" if torn else "retention"):
             removed.append(step)
             log.info("%s %s/%s", "removed torn save" if torn else "retention removed step", root.location, name)
+    # A save killed before any of its objects completed leaves only open multipart uploads: no
+    # object, so no step above. No save is in flight now and no other job saves here, so every
+    # upload still open under the root is such a leftover.
+    try:
+        aborted = root.abort_uploads()
+    except (OSError, CheckpointError) as e:
+        log.warning("could not abort the uploads left open under %s: %s", root.location, e)
+    else:
+        if aborted:
+            log.info("aborted %d upload(s) left open under %s by a killed save", aborted, root.location)
     return removed
 
 

@@ -116,6 +116,13 @@ class Storage(Protocol):
         durable) so that a crash in between leaves a torn location, never a damaged committed one."""
         ...
 
+    def abort_uploads(self) -> int:
+        """Abort the uploads left open anywhere under this location (an object store's multipart
+        uploads of a writer that was killed: invisible as objects, yet stored until aborted) and
+        return how many. Only for a location no save is writing into. Local: nothing to do, 0 (a
+        killed writer leaves a file, which listing sees)."""
+        ...
+
     def fsync_dir(self, subdir: str = "", point: str = "dir_fsync") -> None:
         """Make the names created in ``subdir`` durable (a no-op past the fault point on object stores)."""
         ...

@@ -171,6 +171,10 @@ class LocalStorage:
         parent = self.root.parent
         _fsync_directory(parent, None, lambda: os.open(parent, _DIR_FLAGS))
 
+    def abort_uploads(self) -> int:
+        """Nothing to abort: a killed writer's partial file is a file, listed and removed with its step."""
+        return 0
+
     def lock(self, purpose: str) -> PathLock:
         """An ``flock`` on a hidden file in the directory (storage/lock.py)."""
         return PathLock(self.root, purpose)

@@ -22,7 +22,7 @@ from shardckpt.errors import (
 )
 from shardckpt.storage import Storage, faults, open_storage
 from shardckpt.storage.s3 import MIN_PART, S3Options
-from tests.storage.conftest import MotoS3
+from tests.backends import MotoS3
 
 pytestmark = pytest.mark.timeout(120)
 

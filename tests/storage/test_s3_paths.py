@@ -16,9 +16,9 @@ import shardckpt
 from shardckpt import cli
 from shardckpt.errors import BucketNotFoundError, CheckpointIOError, StorageAccessError, UnsupportedStorageError
 from shardckpt.storage import open_storage
+from tests.backends import MotoS3, free_port, start_server
 from tests.dist.harness import run_ranks
 from tests.dist.test_reshard import SMALL_BLOCKS, load_worker, save_worker
-from tests.storage.conftest import MotoS3, free_port, start_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -183,6 +183,10 @@ def test_server_killed_mid_upload(moto_s3: MotoS3, s3_prefix: str, monkeypatch: 
         m.close()
         assert m.steps() == [1, 3]
         assert "step-00000002" not in open_storage(root).list_dirs()
+        for step in m.steps():
+            assert shardckpt.verify(m.path_for(step)).tensors >= 1
+        left = uploads.list_multipart_uploads(Bucket=moto_s3.bucket, Prefix=f"{s3_prefix}/run/")
+        assert not left.get("Uploads"), "the killed save's upload was left open"
     finally:
         server.stop()
 
@@ -238,3 +242,42 @@ def test_keyword_overrides_reach_every_path(moto_s3: MotoS3, s3_prefix: str, mon
     assert manager.restore(target) == 3 and torch.equal(target["w"], state["w"] + 3)
     manager.close()  # retention runs at the next save and in close()
     assert shardckpt.committed_steps(root, s3=opts) == [2, 3]
+
+
+def test_one_client_per_configuration(s3_env: MotoS3, s3_prefix: str, monkeypatch: pytest.MonkeyPatch):
+    # Building a boto3 client parses its service models (0.1-0.7 s of CPU): it used to be paid by
+    # every open_storage, several times a save and once per step a restore checks.
+    first = open_storage(s3_env.url(s3_prefix, "a"))
+    assert open_storage(s3_env.url(s3_prefix, "b")).client is first.client  # type: ignore[attr-defined]
+    # ... but a changed environment or other options are honoured at once, never served stale.
+    other = shardckpt.S3Options(max_attempts=1)
+    assert open_storage(s3_env.url(s3_prefix, "a"), s3=other).client is not first.client  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    assert open_storage(s3_env.url(s3_prefix, "a")).client is not first.client  # type: ignore[attr-defined]
+
+
+def test_uploads_of_a_killed_save_are_aborted_by_the_next_saving_manager(s3_env: MotoS3, s3_prefix: str):
+    # A rank killed before any part completed leaves only an open multipart upload: no object, so
+    # no step is listed, yet the store keeps (and bills) its parts until it is aborted.
+    root = s3_env.url(s3_prefix, "run")
+    client = s3_env.client()
+    m = shardckpt.CheckpointManager(root, async_save=False)
+    m.save(1, _state(1))
+    m.close()
+    key = f"{s3_prefix}/run/step-00000002/data/0123456789abcdef-r00001.bin"
+    upload = client.create_multipart_upload(Bucket=s3_env.bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=s3_env.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+
+    def open_uploads() -> list[str]:
+        r = client.list_multipart_uploads(Bucket=s3_env.bucket, Prefix=f"{s3_prefix}/run/")
+        return [u["UploadId"] for u in r.get("Uploads", [])]
+
+    reader = shardckpt.CheckpointManager(root, keep_last=1)
+    assert reader.steps() == [1] and reader.restore(_state(0)) == 1
+    reader.close()
+    assert open_uploads() == [upload]  # read-only calls abort nothing
+    m2 = shardckpt.CheckpointManager(root, async_save=False)
+    m2.save(2, _state(2))  # its garbage collection runs first
+    m2.close()
+    assert open_uploads() == [] and m2.steps() == [1, 2]
+    _loads_as(m2.path_for(2), 2)  # type: ignore[arg-type]
