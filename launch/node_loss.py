@@ -69,7 +69,14 @@ class Node:
 
     def kill(self) -> None:
         """SIGKILL the agent and every process under it at once (torchrun starts its workers in
-        sessions of their own, so killing the agent's process group would leave them running)."""
+        sessions of their own, so killing the agent's process group would leave them running).
+
+        Only while the agent is unreaped (``returncode`` still None): until then its pid cannot be
+        reused. Once reaped, the pid may already belong to another process (pid_max is 32768
+        here and a test run wraps it), and its "descendants" would be somebody else's: a
+        concurrent test's ranks were once killed that way."""
+        if self.proc.returncode is not None:
+            return
         for pid in [self.proc.pid, *descendants(self.proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -78,8 +85,7 @@ class Node:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc.poll() is None or descendants(self.proc.pid):
-            self.kill()
+        self.kill()  # a no-op for an agent that has exited and been reaped: it waited for its workers
         self._file.close()
 
 
