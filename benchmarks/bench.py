@@ -14,7 +14,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import queue
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ import systems
 import torch
 import torch.distributed as dist
 from report import write_reports
+from spawn import run_workers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COLS = 2048
@@ -164,26 +164,7 @@ def shardckpt_shutdown() -> None:
 
 
 def run_phase(world: int, args: argparse.Namespace) -> dict:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=worker, args=(r, world, args, init, results)) for r in range(world)]
-        for p in procs:
-            p.start()
-        out = None
-        while out is None:
-            try:
-                out = results.get(timeout=2)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    for p in procs:
-                        p.kill()
-                    raise SystemExit(f"benchmark worker failed (exit codes {dead}); see its traceback above") from None
-        for p in procs:
-            p.join()
-    return out
+    return run_workers(worker, world, args)  # type: ignore[return-value]
 
 
 def median_runs(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from shardckpt.catalog import read_index as read_index  # re-export (its old home)
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
 from shardckpt.errors import CorruptCheckpointError, MissingKeysError, StateMismatchError
@@ -38,7 +39,7 @@ def save(
     path: PathLike,
     *,
     process_group: dist.ProcessGroup | None = None,
-    compression: Compression = "zstd",
+    compression: Compression = "auto",
     check_replicas: bool = True,
     metadata: Mapping[str, object] | None = None,
     s3: S3Options | None = None,
@@ -87,6 +88,8 @@ def load(
     process_group: dist.ProcessGroup | None = None,
     strict: bool = True,
     s3: S3Options | None = None,
+    read_once: bool = False,
+    dtype_cast: bool = False,
 ) -> None:
     """Fill ``state`` in place from the checkpoint at ``path``; collective.
 
@@ -98,6 +101,14 @@ def load(
     keys inside a value that is replaced whole (keys the checkpoint has and ``state`` lacks are
     ignored, so a subset can be loaded). On failure every rank raises and the state may be partly
     loaded.
+
+    With ``read_once``, each stored block that several ranks need (a replicated model, HSDP's
+    replicas) is read from storage by one of them and sent to the others over the process group
+    (gloo, CPU bytes): storage serves each block once, not once per replica (docs/multinode.md).
+
+    A tensor saved in another dtype than its target raises ``StateMismatchError``; with
+    ``dtype_cast``, a floating-point tensor fills a floating-point target of another dtype, cast
+    (an fp32 checkpoint into a bf16 model). Other dtype changes are refused either way.
 
     Example::
 
@@ -113,9 +124,9 @@ def load(
                 f"{where}: ranks read different indexes ({sorted(set(map(str, ids)))}); was the checkpoint "
                 "replaced during the load, or is the directory not shared?"
             )
-        walk = LoadWalk(index, comm.rank, where)
+        walk = LoadWalk(index, comm.rank, where, dtype_cast=dtype_cast)
 
-        def read() -> tuple[None, object]:
+        def match() -> tuple[None, object]:
             walk.fill_root(state)
             if strict and walk.missing:
                 shown = ", ".join(repr(k) for k in walk.missing[:20])
@@ -124,13 +135,24 @@ def load(
                     f"{where}: rank {comm.rank}: keys not in the checkpoint: {shown}{more} "
                     "(pass strict=False to load the rest)"
                 )
+            return None, None
+
+        def read() -> tuple[None, object]:
+            match()
             files = {r.block.file for req in walk.requests for r in req.reads}
             check_files(storage, index, files, where)
             with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-load") as pool:
                 execute_reads(storage, index, walk.requests, pool, where)
             return None, None
 
-        comm.run(f"load from {path}", read)
+        if read_once and comm.world_size > 1:
+            from shardckpt.shared_reads import read_shared
+
+            comm.run(f"load from {path}", match)
+            with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-load") as pool:
+                read_shared(storage, index, walk.requests, comm, pool, where)
+        else:
+            comm.run(f"load from {path}", read)
     finally:
         storage.close()
 
@@ -155,12 +177,6 @@ def _read_index_and_id(storage: Storage) -> tuple[CheckpointIndex, object]:
     return index, index.save_id
 
 
-def read_index(path: PathLike, *, s3: S3Options | None = None) -> CheckpointIndex:
-    """The checkpoint's metadata (tensors, blocks, values, files) with no torch.distributed needed.
-    Values are in their stored typed-JSON form; ``shardckpt.format.values.decode_value`` decodes them."""
-    return read_committed_index(open_storage(path, s3=s3))
-
-
 @dataclass(frozen=True)
 class VerifyReport:
     path: str
@@ -174,10 +190,15 @@ class VerifyReport:
     orphans: tuple[str, ...] = ()
 
 
-def verify(path: PathLike, *, s3: S3Options | None = None) -> VerifyReport:
+def verify(
+    path: PathLike, *, s3: S3Options | None = None, on_block: Callable[[int], object] | None = None
+) -> VerifyReport:
     """Re-read every stored byte against its checksum and decode it; raises a CheckpointError on any
     missing, truncated, swapped or corrupt data file or block. Files the index does not name are
-    reported in ``orphans``, not raised. Reads only: nothing is written or deleted."""
+    reported in ``orphans``, not raised. Reads only: nothing is written or deleted.
+
+    ``on_block(stored_bytes)`` is called (from a reader thread) as each block passes: the CLI's
+    progress bar."""
     storage = open_storage(path, s3=s3)
     where = str(path)
     try:
@@ -194,12 +215,20 @@ def verify(path: PathLike, *, s3: S3Options | None = None) -> VerifyReport:
         # flight, not the checkpoint.
         threads = io_threads()
         with ThreadPoolExecutor(threads, thread_name_prefix="shardckpt-verify") as pool:
-            run_bounded(pool, (partial(read_block, storage, index, entry, r, where) for entry, r in jobs), 2 * threads, where)
+            checks = (partial(_then, partial(read_block, storage, index, entry, r, where), on_block, r.block.length)
+                      for entry, r in jobs)
+            run_bounded(pool, checks, 2 * threads, where)
     finally:
         storage.close()
     return VerifyReport(
         where, len(index.files), len(index.tensors), len(jobs), index.bytes_raw(), index.bytes_stored(), orphans
     )
+
+
+def _then(job: Callable[[], object], on_done: Callable[[int], object] | None, n: int) -> None:
+    job()
+    if on_done is not None:
+        on_done(n)
 
 
 class ByRank(dict[int, object]):

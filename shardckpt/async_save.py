@@ -347,7 +347,7 @@ def async_save(
     path: str | Path,
     *,
     process_group: dist.ProcessGroup | None = None,
-    compression: Compression = "zstd",
+    compression: Compression = "auto",
     check_replicas: bool = True,
     metadata: Mapping[str, object] | None = None,
     lazy: bool = False,

@@ -125,6 +125,13 @@ def read_committed_index(storage: Storage) -> CheckpointIndex:
     try:
         data = storage.read_all(INDEX_NAME, 1 << 30)
     except CheckpointNotFoundError:
+        if storage.exists(".metadata"):
+            # torch.distributed.checkpoint's directory: .metadata, no index.json. Say what to run.
+            raise CheckpointNotFoundError(
+                f"{storage.location} is a torch.distributed.checkpoint (DCP) checkpoint (it has .metadata and no "
+                f"{INDEX_NAME}), not a shardckpt one: convert it once with "
+                f"`shardckpt convert --from dcp {storage.location} DST` and load DST"
+            ) from None
         raise CheckpointNotFoundError(
             f"no checkpoint at {storage.location}: {INDEX_NAME} is missing (empty directory, or a save that never "
             "committed)"

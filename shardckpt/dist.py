@@ -16,7 +16,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
+from shardckpt.errors import (
+    CheckpointError,
+    CheckpointIOError,
+    CommunicationError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    IndexFormatError,
+    RankFailedError,
+    StateMismatchError,
+    StorageAccessError,
+)
 from shardckpt.options import collective_timeout_seconds, restarts_share_the_store
 from shardckpt.storage.faults import hit
 
@@ -71,12 +81,15 @@ class Comm:
             ) from e
         return [json.loads(s) for s in out if s is not None]
 
-    def run(self, what: str, fn: Callable[[], tuple[T, object]]) -> tuple[T, list[object]]:
+    def run(self, what: str, fn: Callable[[], tuple[T, object]], typed: bool = False) -> tuple[T, list[object]]:
         """Run ``fn`` locally, then gather its JSON-able payload from every rank.
 
         ``fn`` returns (local result, payload). If it raised on any rank, that rank re-raises its own
         error and the ranks that succeeded raise ``RankFailedError`` naming the failed ranks, so no
-        rank goes on into a collective that the failed one will never join.
+        rank goes on into a collective that the failed one will never join. With ``typed``, they
+        raise the error type of the lowest failed rank instead (when it is a plain CheckpointError
+        subclass): where one rank works for all (a shared read), a corrupt block is a
+        ``CorruptCheckpointError`` on every rank that needed it, as in a load without sharing.
         """
         error: BaseException | None = None
         local: T | None = None
@@ -85,7 +98,7 @@ class Comm:
             local, payload = fn()
         except BaseException as e:  # noqa: BLE001 - every failure (SystemExit too) must reach the gather, or peers hang
             error = e
-        mine = {"ok": payload} if error is None else {"error": f"{type(error).__name__}: {error}"}
+        mine = {"ok": payload} if error is None else {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__}
         try:
             gathered = self.all_gather(mine, what)
         except CommunicationError:
@@ -97,6 +110,10 @@ class Comm:
         failures = {r: str(g["error"]) for r, g in enumerate(gathered) if isinstance(g, dict) and "error" in g}
         if failures:
             detail = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
+            first = gathered[min(failures)]
+            kind = _PLAIN_ERRORS.get(str(first.get("type"))) if typed and isinstance(first, dict) else None
+            if kind is not None:
+                raise kind(f"{what} failed on rank(s) {sorted(failures)}: {detail}")
             raise RankFailedError(f"{what} failed on rank(s) {sorted(failures)}: {detail}", failures)
         return local, [g["ok"] for g in gathered if isinstance(g, dict)]  # type: ignore[return-value]
 
@@ -129,6 +146,61 @@ class Comm:
         return Comm(self.group, side=side)
 
 
+    def exchange(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], what: str) -> torch.Tensor:
+        """All-to-all of CPU bytes: ``send`` holds ``send_sizes[r]`` bytes for each rank r in rank
+        order; returns the ``recv_sizes[r]`` bytes from each rank r, concatenated in rank order.
+
+        Runs over the job group when it is a gloo group, else over a gloo group of shardckpt's own
+        (an NCCL group cannot move CPU tensors), created once per job group. Collective."""
+        recv = torch.empty(sum(recv_sizes), dtype=torch.uint8)
+        if self.group is None:
+            recv.copy_(send)
+            return recv
+        try:
+            if dist.get_backend(self.group) == "gloo":
+                dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
+            else:
+                gloo = self._gloo_group("reads")
+                gloo.alltoall_base(recv, send, recv_sizes, send_sizes).wait()  # type: ignore[attr-defined]
+        except (RuntimeError, OSError) as e:
+            raise CommunicationError(
+                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({_first_line(e)}); "
+                "a peer process died or the network failed"
+            ) from e
+        return recv
+
+    def _gloo_group(self, purpose: str) -> dist.ProcessGroupGloo:
+        """A gloo group over the job group's ranks for ``purpose``, created once (collective the
+        first time) under a fresh random key prefix (see ``side_group``)."""
+        assert self.group is not None
+        key = (id(self.group), purpose)
+        cached = _GLOO_GROUPS.get(key)
+        if cached is not None and cached[0] is self.group and _registered(self.group):
+            return cached[1]
+        _forget_destroyed_groups()
+        nonce = self.all_gather(secrets.token_hex(8) if self.rank == 0 else None, f"creating the {purpose} group")[0]
+        store = dist.PrefixStore(f"shardckpt/{purpose}/{nonce}/", c10d._get_process_group_store(self.group))
+        try:
+            gloo = dist.ProcessGroupGloo(store, self.rank, self.world_size, timedelta(seconds=collective_timeout_seconds()))
+        except RuntimeError as e:
+            raise CommunicationError(
+                f"creating the {purpose} group: rank {self.rank} could not connect to the other ranks ({_first_line(e)})"
+            ) from e
+        _GLOO_GROUPS[key] = (self.group, gloo)
+        return gloo
+
+
+# Error types that ``Comm.run(typed=True)`` re-raises on the peers of a failed rank: those built
+# from a message alone.
+_PLAIN_ERRORS: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls
+    for cls in (CheckpointError, CorruptCheckpointError, IncompleteCheckpointError, IndexFormatError,
+                CheckpointIOError, StorageAccessError, StateMismatchError)
+}
+
+# (job group id, purpose) -> (job group, a gloo group of shardckpt's own over its ranks).
+_GLOO_GROUPS: dict[tuple[int, str], tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
+
 # job group id -> (job group, its side group); the job group is kept so that its id is not reused.
 _SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
 
@@ -137,6 +209,9 @@ def _forget_destroyed_groups() -> None:
     for key, (group, _side) in list(_SIDE_GROUPS.items()):
         if not _registered(group):
             del _SIDE_GROUPS[key]
+    for purpose_key, (group, _gloo) in list(_GLOO_GROUPS.items()):
+        if not _registered(group):
+            del _GLOO_GROUPS[purpose_key]
 
 
 def _registered(group: dist.ProcessGroup) -> bool:

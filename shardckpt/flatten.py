@@ -14,7 +14,7 @@ import torch
 from shardckpt.errors import StateMismatchError
 from shardckpt.format.schema import MAX_PATH_PARTS, PathPart, dtype_name, path_part_problem
 from shardckpt.format.values import MAX_VALUE_DEPTH, encode_value
-from shardckpt.layout import local_view
+from shardckpt.layout import local_pieces
 from shardckpt.planning.boxes import Box
 
 
@@ -196,7 +196,7 @@ def _walk(
         _claim(key, path, seen)
         if tied is not None and key in tied:
             return  # a tied parameter's second name: its data is saved under the first
-        tensors.append(_tensor_item(node, key, path, per_rank, rank))
+        tensors.extend(_tensor_items(node, key, path, per_rank, rank))
     elif is_stateful(node):
         # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
         sd = routes.get(id(node), node).state_dict()  # type: ignore[attr-defined]
@@ -217,7 +217,10 @@ def _walk(
         values.append(ValueItem(key, path, encode_value(node, key), per_rank))
 
 
-def _tensor_item(tensor: torch.Tensor, key: str, path: tuple[PathPart, ...], per_rank: bool, rank: int) -> TensorItem:
+def _tensor_items(
+    tensor: torch.Tensor, key: str, path: tuple[PathPart, ...], per_rank: bool, rank: int
+) -> list[TensorItem]:
+    """One item per box of the global tensor that this rank holds (several for a strided shard)."""
     _check_storable(tensor, key, rank)
     name = dtype_name(tensor.dtype)
     if name is None:
@@ -226,10 +229,10 @@ def _tensor_item(tensor: torch.Tensor, key: str, path: tuple[PathPart, ...], per
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         _check_storable(local, key, rank)
         shape = tuple(local.shape)
-        return TensorItem(key, path, name, shape, Box.full(shape), local, True, True)
-    shape, box, local = local_view(tensor, key, rank)
+        return [TensorItem(key, path, name, shape, Box.full(shape), local, True, True)]
+    shape, pieces, local = local_pieces(tensor, key, rank)
     _check_storable(local, key, rank)  # a DTensor's local shard
-    return TensorItem(key, path, name, shape, box, local, False, local is tensor)
+    return [TensorItem(key, path, name, shape, box, view, False, local is tensor) for box, view in pieces]
 
 
 def _check_storable(tensor: torch.Tensor, key: str, rank: int) -> None:

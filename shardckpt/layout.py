@@ -67,12 +67,27 @@ def local_layout(tensor: torch.Tensor, key: str, rank: int) -> tuple[tuple[int, 
     return shape, parts, local
 
 
+def local_pieces(
+    tensor: torch.Tensor, key: str, rank: int
+) -> tuple[tuple[int, ...], list[tuple[Box, torch.Tensor]], torch.Tensor]:
+    """(global shape, each box of the local data with the view of the local tensor holding it,
+    local tensor): what save writes. A strided shard that no later placement completes (a
+    row-parallel weight flattened by ``view``, which DTensor turns into ``_StridedShard``) holds
+    several boxes; each is saved from its own view, as if another rank held it."""
+    shape, parts, local = local_layout(tensor, key, rank)
+    if not parts:  # no elements: a zero-volume box, which planning skips
+        sizes = tuple(local.shape) if local.dim() == len(shape) else (0,) * len(shape)
+        return shape, [(Box((0,) * len(shape), sizes), local)], local
+    whole = Box.full(tuple(local.shape))
+    return shape, [(p.box, local if p.local == whole else local[p.local.slices_within(whole)]) for p in parts], local
+
+
 def local_view(tensor: torch.Tensor, key: str, rank: int) -> tuple[tuple[int, ...], Box, torch.Tensor]:
     """(global shape, box of the local data in global coordinates, local tensor), for a local
     shard that is one box (every layout FSDP2, TP and their 2-D combinations produce).
 
     A shard with several boxes (a strided shard that no later placement completes) is refused:
-    the save pipeline writes one box per rank and tensor.
+    use ``local_pieces`` for those.
     """
     shape, parts, local = local_layout(tensor, key, rank)
     if len(parts) > 1:

@@ -39,6 +39,8 @@ class LoadWalk:
     statefuls: list[tuple[object, dict[str, object]]] = field(default_factory=list)
     consumed: set[tuple[str, int | None]] = field(default_factory=set)
     routes: dict[int, object] = field(default_factory=dict)
+    # load(dtype_cast=True): a floating-point tensor may fill a target of another floating dtype.
+    dtype_cast: bool = False
     # While filling a module's state: the keys of its tied parameters' second names.
     _tied: set[str] = field(default_factory=set, init=False)
 
@@ -150,10 +152,13 @@ class LoadWalk:
         else:
             shape, parts, local = local_layout(tensor, key, self.rank)
         self._check_target(local, key)  # a DTensor's local shard
-        if dtype_name(local.dtype) != entry.dtype or shape != entry.shape:
+        castable = self.dtype_cast and local.dtype.is_floating_point and entry.torch_dtype.is_floating_point
+        if (dtype_name(local.dtype) != entry.dtype and not castable) or shape != entry.shape:
+            hint = ("; pass dtype_cast=True to cast floating-point tensors" if shape == entry.shape
+                    and local.dtype.is_floating_point and entry.torch_dtype.is_floating_point else "")
             raise StateMismatchError(
                 f"{self.where}: tensor {key!r} on rank {self.rank}: the checkpoint holds {entry.dtype}"
-                f"{list(entry.shape)}, the target is {dtype_name(local.dtype) or local.dtype}{list(shape)}"
+                f"{list(entry.shape)}, the target is {dtype_name(local.dtype) or local.dtype}{list(shape)}{hint}"
             )
         whole = Box.full(tuple(local.shape))
         for part in parts:

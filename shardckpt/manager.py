@@ -20,6 +20,8 @@ from shardckpt import cleanup
 from shardckpt.api import load, save
 from shardckpt.async_save import SaveHandle, unseen_failure
 from shardckpt.async_save import async_save as start_async_save
+from shardckpt.catalog import committed_in as _committed
+from shardckpt.catalog import committed_steps as committed_steps  # re-export (its old home)
 from shardckpt.commit import read_committed_index
 from shardckpt.dist import Comm
 from shardckpt.errors import (
@@ -35,26 +37,12 @@ from shardckpt.errors import (
 from shardckpt.options import Compression
 from shardckpt.pipeline.reader import check_files
 from shardckpt.saving import SaveResult
-from shardckpt.storage import Storage, open_storage, parse_location
+from shardckpt.storage import open_storage, parse_location
 from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
 # A failed load of these kinds means the step's bytes are bad: restore may try an older step.
 _DATA_ERRORS = (CorruptCheckpointError, IncompleteCheckpointError, CheckpointIOError)
-
-
-def committed_steps(root: str | os.PathLike[str], *, s3: S3Options | None = None) -> list[int]:
-    """The committed steps under a manager root (a directory or URL), ascending. Reads only; no
-    manager needed."""
-    storage = open_storage(root, s3=s3)
-    try:
-        return _committed(storage)
-    finally:
-        storage.close()
-
-
-def _committed(root: Storage) -> list[int]:
-    return sorted(s for s, name in cleanup.step_dirs(root).items() if cleanup.is_committed(root, name))
 
 
 def incomplete_reason(path: str | os.PathLike[str], s3: S3Options | None = None) -> str | None:
@@ -101,7 +89,7 @@ class CheckpointManager:
         save_interval: int | None = None,
         async_save: bool = True,
         process_group: dist.ProcessGroup | None = None,
-        compression: Compression = "zstd",
+        compression: Compression = "auto",
         s3: S3Options | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every), ("save_interval", save_interval)):
@@ -175,13 +163,18 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         return pending[1].wait() if pending else None
 
-    def restore(self, state: dict[str, object], step: int | None = None, *, strict: bool = True) -> int | None:
+    def restore(
+        self, state: dict[str, object], step: int | None = None, *, strict: bool = True, read_once: bool = False
+    ) -> int | None:
         """Load ``step``, or else the newest complete step, into ``state``; collective. Returns the
         step, or None when the root holds no checkpoint at all.
 
         Without ``step``, a step whose index is unreadable, whose data files are missing or the
         wrong size, or whose load finds corrupt blocks is skipped (with a warning naming it and the
-        reason) for the next older one; it raises only when no step can be loaded."""
+        reason) for the next older one; it raises only when no step can be loaded.
+
+        ``read_once`` is ``load``'s: each block that several ranks need is read from storage once
+        and sent to the others (worth it where storage, not the network, is the limit)."""
         unseen = self._finish_pending()
 
         def choose() -> tuple[None, object]:
@@ -200,7 +193,8 @@ class CheckpointManager:
         candidates = [int(s) for s in gathered[0]]  # type: ignore[attr-defined]
         for i, chosen in enumerate(candidates):
             try:
-                load(state, self.path_for(chosen), process_group=self.process_group, strict=strict, s3=self.s3)
+                load(state, self.path_for(chosen), process_group=self.process_group, strict=strict, s3=self.s3,
+                     read_once=read_once)
             except CheckpointError as e:
                 if i + 1 == len(candidates) or not self._agree_to_fall_back(e):
                     raise

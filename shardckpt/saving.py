@@ -24,7 +24,7 @@ from shardckpt.format.values import encode_value
 from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
-from shardckpt.pipeline.writer import StagedWrite, source_view, write_blocks
+from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
 from shardckpt.planning.save_plan import RankMeta, SavePlan, WriteItem, plan_save
 from shardckpt.storage import Storage, StorageLock, open_storage
 from shardckpt.storage.faults import hit
@@ -140,14 +140,24 @@ def prepare_save(
             storage.close()
         raise
     assert storage is not None  # local() ran to the end on this rank
-    items = {(t.key if not t.per_rank else f"{t.key}\0{comm.rank}"): t for t in tensors}
+    items: dict[str, TensorItem] = {}
+    for t in tensors:
+        name = t.key if not t.per_rank else f"{t.key}\0{comm.rank}"
+        # A strided shard's second and later boxes (flatten.py): named apart, found by _item_for.
+        items[name if name not in items else f"{name}\0box{len(items)}"] = t
     return PreparedSave(
         storage.location, storage, comm, options, save_id, plan, items, check_replicas, encoded_metadata, lock, started
     )
 
 
 def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
-    return prep.items[w.key if w.entry_rank is None else f"{w.key}\0{w.entry_rank}"]
+    """The item holding ``w.box``: a rank holds one box of most tensors, several of a strided
+    shard's (their items named ``key\0box<n>``)."""
+    name = w.key if w.entry_rank is None else f"{w.key}\0{w.entry_rank}"
+    item = prep.items[name]
+    if item.box.intersect(w.box) == w.box:
+        return item
+    return next(t for n, t in prep.items.items() if n.startswith(f"{name}\0box") and t.box.intersect(w.box) == w.box)
 
 
 def stage(
@@ -232,7 +242,7 @@ def write_and_commit(
         try:
             out.append(encode_header(prep.save_id, comm.rank))
             blocks = write_blocks(staged, out, prep.options, pool, on_written)
-            size = out.finish()
+            size = finish_data(out)  # timed: the adaptive codec learns the sink speed
         except BaseException:
             out.abort()
             _discard(storage, name)

@@ -39,21 +39,27 @@ _local = threading.local()
 # compressed.
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    # zstandard contexts are not safe to share between threads; one per thread and level.
+def _compressor(level: int, plane: bool = False) -> zstandard.ZstdCompressor:
+    """The zstd context for ``level``; ``plane`` selects the one tuned for float byte planes."""
+    # zstandard contexts are not safe to share between threads; one per thread, level and kind.
     cache = getattr(_local, "cctx", None)
     if cache is None:
         cache = _local.cctx = {}
-    if level not in cache:
-        # Float byte planes are low-entropy bytes with few long matches: a shallow match search
-        # (small hash table, one probe) is ~45% faster than level 1's defaults on bf16 exponent
-        # planes and compresses them slightly better; entropy coding does the real work there.
+    key = (level, plane)
+    if key not in cache:
+        # Low-entropy bytes with few long matches: a shallow match search (small hash table, one
+        # probe) is ~45% faster than level 1's defaults and compresses slightly better; entropy
+        # coding does the real work. Byte planes (exponent bytes) go further: a 64-entry hash table
+        # finds almost no matches, so zstd is close to Huffman-only on them, measured 2.1x faster
+        # on bf16 and fp32 exponent planes (690 against 330 MB/s per thread) and 3% smaller. Whole
+        # blocks keep the larger table: with 64 entries, repeats farther apart than a few KiB
+        # (text, repeated records) are missed.
+        hash_log = min(5 + max(level, 1), 17) if plane else min(10 + max(level, 0), 17)
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, min_match=7, hash_log=min(10 + max(level, 0), 17), chain_log=6, search_log=1,
-            write_content_size=True,
+            level, min_match=7, hash_log=hash_log, chain_log=6, search_log=1, write_content_size=True,
         ) if level <= 3 else zstandard.ZstdCompressionParameters.from_level(level, write_content_size=True)
-        cache[level] = zstandard.ZstdCompressor(compression_params=params)
-    return cache[level]
+        cache[key] = zstandard.ZstdCompressor(compression_params=params)
+    return cache[key]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -63,7 +69,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def _worth_compressing(data: np.ndarray, level: int) -> bool:
+def _worth_compressing(data: np.ndarray, level: int, plane: bool = False) -> bool:
     """Compress three small samples; incompressible planes (mantissa bytes) are skipped cheaply."""
     n = data.nbytes
     if n <= 3 * _SAMPLE:
@@ -73,7 +79,7 @@ def _worth_compressing(data: np.ndarray, level: int) -> bool:
         sample = b"".join(
             (data[:_SAMPLE].tobytes(), data[mid : mid + _SAMPLE].tobytes(), data[n - _SAMPLE :].tobytes())
         )
-    return len(_compressor(level).compress(sample)) <= _GAIN * len(sample)
+    return len(_compressor(level, plane).compress(sample)) <= _GAIN * len(sample)
 
 
 def encode_block(raw: np.ndarray, dtype: str, itemsize: int, codec: str, level: int) -> tuple[str, bytes | memoryview]:
@@ -98,8 +104,8 @@ def _encode_planes(raw: np.ndarray, itemsize: int, level: int) -> tuple[str, byt
     for i in range(itemsize):
         plane = np.ascontiguousarray(planes[i])
         packed = (
-            _compressor(level).compress(plane)  # type: ignore[arg-type]  # stub too narrow, see top
-            if _worth_compressing(plane, level)
+            _compressor(level, plane=True).compress(plane)  # type: ignore[arg-type]  # stub too narrow, see top
+            if _worth_compressing(plane, level, plane=True)
             else None
         )
         if packed is not None and len(packed) < _GAIN * plane.nbytes:

@@ -24,7 +24,7 @@ from shardckpt.format.schema import (
     CODECS,
     DATA_DIR,
     DATA_HEADER_BYTES,
-    DTYPES,
+    DTYPE_ITEMSIZE,
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_PATH_PARTS,
@@ -91,7 +91,7 @@ def decode_index(data: bytes, where: str) -> CheckpointIndex:
         # Strict UTF-8: json.loads(bytes) would also take UTF-16/32, a byte order mark, and UTF-8
         # encoded surrogates. (UnicodeDecodeError is a ValueError.)
         text = data.decode("utf-8")
-        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
+        doc = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=no_duplicate_keys)
     except (ValueError, RecursionError) as e:
         raise IndexFormatError(f"{where}: index is not valid JSON: {e}") from e
     doc = _typed(doc, dict, where, "index")
@@ -122,7 +122,9 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``json.loads``' object_pairs_hook for untrusted JSON: a repeated key is an error, never
+    silently the last value (two readers could otherwise see two different documents)."""
     out: dict[str, object] = {}
     for k, v in pairs:
         if k in out:
@@ -186,10 +188,10 @@ def _decode_tensor(
     path = _decode_path(t.get("path"), at, "path")
     _check_key(key, path, at)
     dtype = _typed(t.get("dtype"), str, at, "dtype")
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_ITEMSIZE:
         raise IndexFormatError(f"{at}: unknown dtype {dtype!r}")
     shape = _dims(t.get("shape"), at, "shape")
-    itemsize = DTYPES[dtype].itemsize
+    itemsize = DTYPE_ITEMSIZE[dtype]
     # Zero dims count as 1: torch computes the strides of an empty tensor too, and a shape such as
     # [0, 2**48, 2**48] has no elements but strides that overflow int64.
     if math.prod(max(d, 1) for d in shape) * itemsize > MAX_BYTES:
@@ -274,7 +276,7 @@ def _decode_value_entry(obj: object, i: int, world_size: int, where: str) -> Val
     _check_key(key, path, at)
     if "value" not in v:
         raise IndexFormatError(f"{at}: missing field value")
-    decode_value(v["value"], at)  # validate now; decoded again on load
+    decode_value(v["value"], at, dtypes=False)  # validate now (torch-free); decoded again on load
     return ValueEntry(key, path, v["value"], _optional_rank(v.get("rank"), world_size, at, "rank"))
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "shardckpt"
 FORMAT_VERSION = 1
@@ -53,32 +55,65 @@ def path_part_problem(part: object) -> str | None:
         return "contains a control character or a lone surrogate"
     return None
 
-# The only dtypes a checkpoint may name. Looking names up here (never getattr on torch) keeps a
-# hostile index from reaching arbitrary attributes.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "uint16": torch.uint16,
-    "uint32": torch.uint32,
-    "uint64": torch.uint64,
-    "bool": torch.bool,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
+# The only dtypes a checkpoint may name, with their sizes in bytes. Looking names up here (never
+# getattr on torch) keeps a hostile index from reaching arbitrary attributes. Plain ints, so that
+# reading and validating an index (``shardckpt ls``/``inspect``) never imports torch.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex64": 8,
+    "complex128": 16,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+if TYPE_CHECKING:
+    # Built on first use by ``__getattr__`` below: name -> torch.dtype, and back.
+    DTYPES: dict[str, torch.dtype]
+    DTYPE_NAMES: dict[torch.dtype, str]
+
+_torch_tables: tuple[dict[str, torch.dtype], dict[torch.dtype, str]] | None = None
+
+
+def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    global _torch_tables
+    if _torch_tables is None:
+        import torch
+
+        by_name = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}  # fixed names, not the index's
+        _torch_tables = (by_name, {dtype: name for name, dtype in by_name.items()})
+    return _torch_tables
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: DTYPES and DTYPE_NAMES hold torch.dtype objects, so torch is imported the first
+    # time one is used rather than when the format module is.
+    if name == "DTYPES":
+        return _tables()[0]
+    if name == "DTYPE_NAMES":
+        return _tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str | None:
-    return DTYPE_NAMES.get(dtype)
+    """The checkpoint's name for ``dtype`` (``"bfloat16"``), or None for one it cannot hold."""
+    return _tables()[1].get(dtype)
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    """The torch.dtype a checkpoint names ``name``; KeyError for a name not in DTYPE_ITEMSIZE."""
+    return _tables()[0][name]
 
 
 @dataclass(frozen=True)
@@ -110,7 +145,12 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype_of(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element, without importing torch."""
+        return DTYPE_ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)

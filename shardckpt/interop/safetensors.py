@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,23 +42,16 @@ from shardckpt.api import CheckpointReader, PathLike
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, CheckpointIOError, ExportError
 from shardckpt.format.schema import TensorEntry
+from shardckpt.interop.safetensors_format import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME, le_bytes
 from shardckpt.planning.boxes import Box, split_box
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # A tensor is read, cast and written in row-major pieces of at most this many (source) bytes.
 PIECE_BYTES = 64 << 20
 _SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors")
 
-SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 CAST_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
     "fp32": torch.float32, "float32": torch.float32,
@@ -198,6 +190,7 @@ def export_safetensors(
     tied: Mapping[str, str] | None = None,
     overwrite: bool = False,
     process_group: dist.ProcessGroup | None = None,
+    on_bytes: Callable[[int], object] | None = None,
 ) -> ExportResult:
     """Write the tensors of ``checkpoint`` (under ``key``) as safetensors into the directory ``out``.
 
@@ -213,6 +206,7 @@ def export_safetensors(
       files in ``out`` (``config.json``, a tokenizer) are left alone in any case.
     - ``process_group``: a distributed export: collective; each rank writes every world_size-th
       file and rank 0 the index, after all files are written.
+    - ``on_bytes(n)``: called as each piece of ``n`` tensor bytes is written (the CLI's progress bar).
 
     Each file is written under a temporary name and renamed into place; the index comes last.
     Reads one piece of one tensor at a time (see the module docstring).
@@ -246,7 +240,7 @@ def export_safetensors(
         def write() -> tuple[None, object]:
             target.mkdir(parents=True, exist_ok=True)
             for i in _mine(plan, comm):
-                _write_file(reader, plan.shards[i], target / plan.files[i])
+                _write_file(reader, plan.shards[i], target / plan.files[i], on_bytes)
             return None, None
 
         comm.run(what, write)
@@ -359,7 +353,8 @@ def _header(shard: tuple[ExportedTensor, ...]) -> tuple[bytes, list[ExportedTens
     return len(text).to_bytes(8, "little") + text, order
 
 
-def _write_file(reader: CheckpointReader, shard: tuple[ExportedTensor, ...], path: Path) -> None:
+def _write_file(reader: CheckpointReader, shard: tuple[ExportedTensor, ...], path: Path,
+                on_bytes: Callable[[int], object] | None = None) -> None:
     header, order = _header(shard)
     expected = len(header) + sum(t.nbytes for t in order)
 
@@ -367,7 +362,10 @@ def _write_file(reader: CheckpointReader, shard: tuple[ExportedTensor, ...], pat
         f.write(header)
         for t in order:
             for piece in split_box(Box.full(t.entry.shape), t.entry.torch_dtype.itemsize, PIECE_BYTES):
-                f.write(_le_bytes(reader.read(t.entry, piece.box).to(t.dtype)))
+                data = le_bytes(reader.read(t.entry, piece.box).to(t.dtype))
+                f.write(data)
+                if on_bytes is not None:
+                    on_bytes(len(data))
         if f.written != expected:  # a bug, never the input: the header would lie about the data
             raise CheckpointError(f"export: {path}: wrote {f.written} bytes, the header describes {expected}")
 
@@ -392,14 +390,6 @@ class _Sink:
     def write(self, data: bytes | memoryview) -> None:
         self.f.write(data)  # type: ignore[attr-defined]
         self.written += len(data)
-
-
-def _le_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.contiguous().reshape(-1)
-    if sys.byteorder == "big" and t.dtype.itemsize > 1:
-        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.dtype.itemsize]
-        return flat.view(ints).numpy().byteswap().view("u1").data
-    return flat.view(torch.uint8).numpy().data
 
 
 def _write_atomically(path: Path, content: bytes | Callable[[_Sink], None]) -> None:

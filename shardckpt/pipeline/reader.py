@@ -100,7 +100,7 @@ def execute_reads(
         if req.allocate:
             req.target.resize_(req.needed.sizes)
             req.allocate = False
-    futures = [pool.submit(_read_into, storage, index, req, read, where) for req in requests for read in req.reads]
+    futures = [pool.submit(read_into_target, storage, index, req, read, where) for req in requests for read in req.reads]
     raise_first_failure(futures, where)
 
 
@@ -148,22 +148,27 @@ def _reraise(exc: BaseException, where: str) -> NoReturn:
 def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:
     """The target's bytes for this block, when the whole block lands in one contiguous CPU region:
     then the block is read or decoded straight into the target, with no staging copy."""
-    if read.overlap != read.box or req.target.device.type != "cpu":
-        return None
+    if read.overlap != read.box or req.target.device.type != "cpu" or req.target.dtype != req.entry.torch_dtype:
+        return None  # (another dtype: load(dtype_cast=True), cast by place_block's copy_)
     region = req.target[read.box.slices_within(req.needed)] if read.box.sizes else req.target
     if not region.is_contiguous():
         return None
     return region.reshape(-1).view(torch.uint8).numpy()
 
 
-def _read_into(storage: Storage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
+def read_into_target(storage: Storage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
+    """Read, verify and decode one block into the part of ``req.target`` it covers."""
     dest = _direct_destination(req, read)
     if dest is not None:
         payload = _fetch(storage, index, req.entry, read, where, into=dest)
         if payload is not dest:
             _decode(req.entry, read, payload, dest, where)
         return
-    block = read_block(storage, index, req.entry, read, where)
+    place_block(req, read, read_block(storage, index, req.entry, read, where))
+
+
+def place_block(req: ReadRequest, read: BlockRead, block: torch.Tensor) -> None:
+    """Copy the part of a decoded block (a tensor of the block's shape) that ``req`` needs into its target."""
     src = block[read.overlap.slices_within(read.box)] if read.box.sizes else block
     if read.overlap.sizes:
         req.target[read.overlap.slices_within(req.needed)].copy_(src)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from shardckpt.errors import ReplicaMismatchError, StateMismatchError
-from shardckpt.format.schema import DTYPES, PathPart
+from shardckpt.format.schema import DTYPE_ITEMSIZE, PathPart
 from shardckpt.planning.boxes import Box, find_overlap
 
 
@@ -89,7 +89,7 @@ def plan_save(metas: list[RankMeta], block_bytes: int) -> SavePlan:
     for ident, spec in sorted(specs.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1)):
         held = boxes[ident]
         _check_cover(spec, held)
-        itemsize = DTYPES[spec.dtype].itemsize
+        itemsize = DTYPE_ITEMSIZE[spec.dtype]
         holders = sorted({r for ranks in held.values() for r in ranks})
         plan.tensors.append(TensorSpec(spec.key, spec.path, spec.dtype, spec.shape, spec.entry_rank, spec.plain, tuple(holders)))
         for box, ranks in held.items():

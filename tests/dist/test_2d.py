@@ -179,7 +179,8 @@ def _assert_next_step(layout: str, got: dict[str, torch.Tensor], want: dict[str,
 
 def strided_worker(rank: int, world_size: int, path: str) -> list[str]:
     """A strided shard that no later placement completes (a 1-D slice of a FSDP2 + TP layout)
-    holds several boxes: load places each saved block into its own local slices; save refuses it."""
+    holds several boxes: load places each saved block into its own local slices (with and
+    without read_once), and save writes every box."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -190,18 +191,41 @@ def strided_worker(rank: int, world_size: int, path: str) -> list[str]:
     strided = _StridedShard(0, split_factor=2)
     # Rank 0 holds rows [0:3] + [5:7], rank 1 rows [3:5] + [7:9]: two boxes each.
     want = strided._split_tensor(full, world_size, with_padding=False)[0][rank]
-    target = DTensor.from_local(torch.zeros_like(want), mesh, [strided], shape=full.shape, stride=full.stride())
-    shardckpt.load({"x": target}, path)
     errors = []
-    if not torch.equal(target.to_local(), want):
-        errors.append(f"rank {rank}: {target.to_local().tolist()} != {want.tolist()}")
-    with pytest.raises(shardckpt.StateMismatchError, match="separate boxes"):
-        shardckpt.save({"x": target}, path + "-strided")
+    for read_once in (False, True):
+        target = DTensor.from_local(torch.zeros_like(want), mesh, [strided], shape=full.shape, stride=full.stride())
+        shardckpt.load({"x": target}, path, read_once=read_once)
+        if not torch.equal(target.to_local(), want):
+            errors.append(f"rank {rank}, read_once={read_once}: {target.to_local().tolist()} != {want.tolist()}")
+    # Save writes every box of a multi-box shard; a Shard(0) target reads them back.
+    shardckpt.save({"x": target}, path + "-strided")
+    back = distribute_tensor(torch.zeros_like(full), mesh, [Shard(0)])
+    shardckpt.load({"x": back}, path + "-strided")
+    if not torch.equal(back.full_tensor(), full):
+        errors.append(f"rank {rank}: the saved strided shard came back as {back.full_tensor().tolist()}")
+    # A real layout with several boxes per rank: a row-parallel weight (Shard(1)) flattened, which
+    # DTensor turns into _StridedShard(0, split_factor=rows): each rank holds 5 runs of 4.
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    flat = distribute_tensor(weight, mesh, [Shard(1)]).flatten()
+    assert isinstance(flat.placements[0], _StridedShard), flat.placements
+    shardckpt.save({"flat": flat}, path + "-flat")
+    again = distribute_tensor(torch.zeros(5, 8), mesh, [Shard(1)]).flatten()
+    shardckpt.load({"flat": again}, path + "-flat")
+    if not torch.equal(again.to_local(), flat.to_local()):
+        errors.append(f"rank {rank}: the flattened weight's local data differs after a round trip")
     return errors
 
 
-def test_strided_shard_alone_loads_into_several_boxes(tmp_path):
-    assert run_ranks(2, strided_worker, str(tmp_path / "ckpt")) == [[], []]
+def test_strided_shard_with_several_boxes_saves_and_loads(tmp_path):
+    path = str(tmp_path / "ckpt")
+    assert run_ranks(2, strided_worker, path) == [[], []]
+    # Every box of every rank was written, once: one plain process reads the whole tensors.
+    got = shardckpt.load_all(path + "-strided")["x"]
+    assert torch.equal(got, torch.arange(27, dtype=torch.float32).reshape(9, 3))
+    flat = shardckpt.load_all(path + "-flat")["flat"]
+    assert torch.equal(flat, torch.randn(5, 8, generator=torch.Generator().manual_seed(3)).flatten())
+    index = shardckpt.read_index(path + "-flat")
+    assert sum(b.sizes[0] for b in index.tensors[0].blocks) == 40
 
 
 class _CopyingStateDict(nn.Sequential):
@@ -236,3 +260,52 @@ def test_tied_parameters_one_process_saved_once_restored_tied(tmp_path):
     untied[0].head.weight = nn.Parameter(torch.zeros(VOCAB, DIM))
     with pytest.raises(shardckpt.MissingKeysError, match="head.weight"):
         shardckpt.load({"m": untied}, path)
+
+
+def _tp_tied(seed: int, tp: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """Tiny with the embedding and the tied LM head tensor-parallel over the vocabulary (both
+    Shard(0) on the tp mesh), tied again after parallelize_module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(seed)
+    model = Tiny()
+    if tp:
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        parallelize_module(model, mesh, {
+            "tok": RowwiseParallel(input_layouts=Replicate()),
+            "w1": ColwiseParallel(),
+            "w2": RowwiseParallel(),
+            "head": ColwiseParallel(output_layouts=Replicate()),
+        })
+        # parallelize_module gave each a Parameter of its own: tie them again (same placements).
+        model.head.weight = model.tok.weight
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01)
+
+
+def tp_tied_worker(rank: int, world_size: int, path: str) -> dict[str, object]:
+    model, opt = _tp_tied(0, tp=True)
+    _step(model, opt)
+    shardckpt.save({"model": model, "optim": opt}, path)
+    saved = _full(model, opt)
+    fresh, fresh_opt = _tp_tied(5, tp=True)
+    shardckpt.load({"model": fresh, "optim": fresh_opt}, path)
+    assert fresh.head.weight is fresh.tok.weight
+    loaded = _full(fresh, fresh_opt)
+    _step(fresh, fresh_opt)  # trains on, still tied
+    assert fresh.head.weight is fresh.tok.weight
+    return {"saved": saved, "loaded": loaded} if rank == 0 else {}
+
+
+def test_tied_head_under_tensor_parallel_saved_once_restored_tied(tmp_path):
+    path = str(tmp_path / "ckpt")
+    got = run_ranks(2, tp_tied_worker, path)[0]
+    _assert_same_bits(got["loaded"], got["saved"])
+    keys = {t.key for t in shardckpt.read_index(path).tensors}
+    assert "model/tok.weight" in keys and "model/head.weight" not in keys
+    # One plain process: the tie comes back from the module's structure, with the saved values.
+    model, opt = _tp_tied(9, tp=False)
+    shardckpt.load({"model": model, "optim": opt}, path)
+    assert model.head.weight is model.tok.weight
+    assert torch.equal(_bits(model.tok.weight.detach()), _bits(got["saved"]["model/tok.weight"]))

@@ -230,6 +230,7 @@ _VERIFY_RSS = textwrap.dedent(
     """
     import sys
     import shardckpt
+    import shardckpt.api  # `import shardckpt` is lazy: load torch before measuring, it is not verify's memory
 
     def kib(field):
         with open("/proc/self/status") as f:

@@ -259,9 +259,9 @@ def _dist_export_worker(rank: int, world_size: int, ckpt: str, out: str) -> list
     written = []
     real = st_export._write_file
 
-    def spy(reader, shard, path):
+    def spy(reader, shard, path, *rest):
         written.append(os.path.basename(path))
-        real(reader, shard, path)
+        real(reader, shard, path, *rest)
 
     st_export._write_file = spy
     r = shardckpt.export_safetensors(ckpt, out, key="model", max_shard_size="5KB")
