@@ -186,6 +186,10 @@ def test_mixed_auto_checkpoint_loads_bit_exactly(tmp_path, monkeypatch):
     assert 0.2 < f < 0.8
     monkeypatch.setattr(adaptive, "rank_cores", lambda: 1.0)
     balance_for(f"{DataFileWriter.__module__}.{DataFileWriter.__qualname__}").estimates = est
+    # This save's own timings would move the fraction (to all-raw on a busy 2-core machine: the
+    # test failed 1 run in ~3 that way). Hold it at the taught value: what is under test here is
+    # that the writer follows the policy and that a mixed checkpoint loads, not the estimates.
+    monkeypatch.setattr(adaptive.SaveBalance, "_refresh", lambda self: None)
     state = {"w": (torch.randn(256, 1024) * 0.02).to(torch.bfloat16), "m": torch.randn(128, 1024),
              "i": torch.arange(5000)}
     path = tmp_path / "ckpt"
