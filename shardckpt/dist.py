@@ -128,22 +128,7 @@ class Comm:
         name in every attempt) can read the dead attempt's addresses and fail or hang."""
         if self.group is None or self._side is not None:
             return self
-        cached = _SIDE_GROUPS.get(id(self.group))
-        if cached is not None and cached[0] is self.group and _registered(self.group):
-            return Comm(self.group, side=cached[1])
-        _forget_destroyed_groups()
-        nonce = self.all_gather(secrets.token_hex(8) if self.rank == 0 else None, "creating the side group")[0]
-        store = dist.PrefixStore(f"shardckpt/side/{nonce}/", c10d._get_process_group_store(self.group))
-        try:
-            side = dist.ProcessGroupGloo(
-                store, self.rank, self.world_size, timedelta(seconds=collective_timeout_seconds())
-            )
-        except RuntimeError as e:
-            raise CommunicationError(
-                f"creating the side group: rank {self.rank} could not connect to the other ranks ({_first_line(e)})"
-            ) from e
-        _SIDE_GROUPS[id(self.group)] = (self.group, side)
-        return Comm(self.group, side=side)
+        return Comm(self.group, side=self._gloo_group("side"))
 
 
     def exchange(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], what: str) -> torch.Tensor:
@@ -170,7 +155,8 @@ class Comm:
         return recv
 
     def _gloo_group(self, purpose: str) -> dist.ProcessGroupGloo:
-        """A gloo group over the job group's ranks for ``purpose``, created once (collective the
+        """A gloo group over the job group's ranks for ``purpose`` ("side": background gathers;
+        "reads": read_once's exchange in an NCCL job), created once per job group (collective the
         first time) under a fresh random key prefix (see ``side_group``)."""
         assert self.group is not None
         key = (id(self.group), purpose)
@@ -198,17 +184,12 @@ _PLAIN_ERRORS: dict[str, type[CheckpointError]] = {
                 CheckpointIOError, StorageAccessError, StateMismatchError)
 }
 
-# (job group id, purpose) -> (job group, a gloo group of shardckpt's own over its ranks).
+# (job group id, purpose) -> (job group, a gloo group of shardckpt's own over its ranks); the job
+# group is kept so that its id is not reused while the entry lives.
 _GLOO_GROUPS: dict[tuple[int, str], tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
-
-# job group id -> (job group, its side group); the job group is kept so that its id is not reused.
-_SIDE_GROUPS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
 
 
 def _forget_destroyed_groups() -> None:
-    for key, (group, _side) in list(_SIDE_GROUPS.items()):
-        if not _registered(group):
-            del _SIDE_GROUPS[key]
     for purpose_key, (group, _gloo) in list(_GLOO_GROUPS.items()):
         if not _registered(group):
             del _GLOO_GROUPS[purpose_key]

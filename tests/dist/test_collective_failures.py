@@ -87,21 +87,21 @@ def side_group_worker(rank: int, world_size: int, root: str) -> list[object]:
     import torch.distributed as dist
     import torch.distributed.distributed_c10d as c10d
 
-    from shardckpt.dist import _SIDE_GROUPS
+    from shardckpt.dist import _GLOO_GROUPS
 
     sides = []
     for i in range(4):
         shardckpt.async_save({"w": torch.ones(8)}, f"{root}/{i}").wait(timeout=60)
         shardckpt.shutdown()
-        sides.append(id(_SIDE_GROUPS[id(dist.group.WORLD)][1]))
+        sides.append(id(_GLOO_GROUPS[(id(dist.group.WORLD), "side")][1]))
     # A subgroup's side group too, over and over.
     sub = dist.new_group(ranks=[0, 1], use_local_synchronization=True)
     for i in range(3):
         shardckpt.async_save({"w": torch.ones(8)}, f"{root}/s{i}", process_group=sub).wait(timeout=60)
         shardckpt.shutdown(sub)
-        sides.append(id(_SIDE_GROUPS[id(sub)][1]))
+        sides.append(id(_GLOO_GROUPS[(id(sub), "side")][1]))
     # One side group per job group, none registered with torch (its keys live under a fresh prefix).
-    return [len(set(sides[:4])), len(set(sides[4:])), sides[0] != sides[4], len(_SIDE_GROUPS), len(c10d._world.pg_map)]
+    return [len(set(sides[:4])), len(set(sides[4:])), sides[0] != sides[4], len(_GLOO_GROUPS), len(c10d._world.pg_map)]
 
 
 def test_side_groups_are_made_once_per_group_and_reused(tmp_path):
