@@ -75,6 +75,7 @@ def save(
                 f"save to {path}: staging", lambda: ((list(stage(prep)), replica_hashes(prep, pool)), None)
             )
             stall = time.perf_counter() - t0
+            prep.phases["snapshot"] = stall - sum(prep.phases.values())
             done = write_and_commit(prep, staged, hashes, comm, pool)
     finally:
         prep.release()

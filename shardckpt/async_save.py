@@ -220,11 +220,13 @@ class AsyncSaver:
         check: Callable[[], None] | None = None,
     ) -> None:
         try:
+            t = time.perf_counter()
             self.copier.after(start)  # type: ignore[arg-type]
             for sw in stage(prep, self.staging, self.copier):
                 feed.put(sw)
             self.copier.sync()
             hashes.update(replica_hashes(prep, self.writers))
+            prep.phases["snapshot"] = time.perf_counter() - t
             if check is not None:
                 check()  # before _END: a failed check means nothing is committed
             if stall is not None:

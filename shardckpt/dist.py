@@ -10,7 +10,7 @@ import secrets
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -75,13 +75,53 @@ class Comm:
             else:
                 dist.all_gather_object(out, text, group=self.group)
         except (RuntimeError, OSError) as e:  # gloo/NCCL failures are RuntimeError subclasses
-            raise CommunicationError(
-                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({_first_line(e)}); "
-                "a peer process died or the network failed"
-            ) from e
+            raise self._lost(what, e) from e
         return [json.loads(s) for s in out if s is not None]
 
-    def run(self, what: str, fn: Callable[[], tuple[T, object]], typed: bool = False) -> tuple[T, list[object]]:
+    def gather(self, payload: object, what: str = "a collective") -> list[object] | None:
+        """Gather a JSON-able payload from every rank to the coordinator only: it gets the payloads
+        in rank order, the other ranks None. What grows with the world size (every rank's block
+        records, its tensor metadata) goes this way: nobody else needs it."""
+        if self.group is None:
+            return [payload]
+        data = json.dumps(payload).encode()
+        try:
+            hit("gather")
+            if self._side is not None:
+                got = _gather_bytes_to_root(self._side, data)
+            else:
+                out: list[object] | None = [None] * self.world_size if self.is_coordinator else None
+                dist.gather_object(data, out, group=self.group, group_dst=0)
+                got = cast("list[bytes]", out)
+        except (RuntimeError, OSError) as e:
+            raise self._lost(what, e) from e
+        return [json.loads(b) for b in got] if got is not None else None
+
+    def scatter(self, payloads: list[object] | None, what: str = "a collective") -> object:
+        """The coordinator sends ``payloads[r]`` (JSON-able) to each rank r; every rank returns its
+        own. The other ranks pass None. Over the job group only (it runs on the caller's thread)."""
+        if self.group is None:
+            assert payloads is not None
+            return payloads[0]
+        assert self._side is None, "scatter runs over the job group"
+        texts = [json.dumps(p) for p in payloads] if payloads is not None else None
+        out: list[object] = [None]
+        try:
+            hit("gather")
+            dist.scatter_object_list(out, texts, group=self.group, group_src=0)
+        except (RuntimeError, OSError) as e:
+            raise self._lost(what, e) from e
+        return json.loads(str(out[0]))
+
+    def _lost(self, what: str, e: BaseException) -> CommunicationError:
+        return CommunicationError(
+            f"{what}: rank {self.rank} lost contact with the other ranks of its group ({_first_line(e)}); "
+            "a peer process died or the network failed"
+        )
+
+    def run(
+        self, what: str, fn: Callable[[], tuple[T, object]], typed: bool = False, to_coordinator: bool = False
+    ) -> tuple[T, list[object]]:
         """Run ``fn`` locally, then gather its JSON-able payload from every rank.
 
         ``fn`` returns (local result, payload). If it raised on any rank, that rank re-raises its own
@@ -90,6 +130,8 @@ class Comm:
         raise the error type of the lowest failed rank instead (when it is a plain CheckpointError
         subclass): where one rank works for all (a shared read), a corrupt block is a
         ``CorruptCheckpointError`` on every rank that needed it, as in a load without sharing.
+        With ``to_coordinator``, every rank learns only whether all succeeded, and the payloads go to
+        the coordinator alone (``gather``): the other ranks get an empty list.
         """
         error: BaseException | None = None
         local: T | None = None
@@ -98,7 +140,8 @@ class Comm:
             local, payload = fn()
         except BaseException as e:  # noqa: BLE001 - every failure (SystemExit too) must reach the gather, or peers hang
             error = e
-        mine = {"ok": payload} if error is None else {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__}
+        ok = None if to_coordinator else payload  # with to_coordinator, only the outcome goes to every rank
+        mine = {"ok": ok} if error is None else {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__}
         try:
             gathered = self.all_gather(mine, what)
         except CommunicationError:
@@ -115,6 +158,8 @@ class Comm:
             if kind is not None:
                 raise kind(f"{what} failed on rank(s) {sorted(failures)}: {detail}")
             raise RankFailedError(f"{what} failed on rank(s) {sorted(failures)}: {detail}", failures)
+        if to_coordinator:
+            return local, self.gather(payload, what) or []  # type: ignore[return-value]
         return local, [g["ok"] for g in gathered if isinstance(g, dict)]  # type: ignore[return-value]
 
     def side_group(self) -> Comm:
@@ -148,10 +193,7 @@ class Comm:
                 gloo = self._gloo_group("reads")
                 gloo.alltoall_base(recv, send, recv_sizes, send_sizes).wait()  # type: ignore[attr-defined]
         except (RuntimeError, OSError) as e:
-            raise CommunicationError(
-                f"{what}: rank {self.rank} lost contact with the other ranks of its group ({_first_line(e)}); "
-                "a peer process died or the network failed"
-            ) from e
+            raise self._lost(what, e) from e
         return recv
 
     def _gloo_group(self, purpose: str) -> dist.ProcessGroupGloo:
@@ -206,16 +248,38 @@ def _registered(group: dist.ProcessGroup) -> bool:
     return True
 
 
+def _gather_bytes_to_root(side: dist.ProcessGroupGloo, data: bytes) -> list[bytes] | None:
+    """Gather of byte strings to rank 0 of a bare gloo group: the lengths (to every rank, so each
+    pads to the same size), then the padded buffers to rank 0 only."""
+    world, root = side.size(), side.rank() == 0
+    sizes = _all_lengths(side, len(data))
+    mine = _padded(data, max(sizes))
+    out = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(world)] if root else []
+    opts = dist.GatherOptions()
+    opts.rootRank = 0
+    side.gather([out] if root else [], [mine], opts).wait()  # type: ignore[attr-defined]  # not in the stubs
+    return [bytes(t[:n].numpy()) for t, n in zip(out, sizes)] if root else None
+
+
+def _all_lengths(side: dist.ProcessGroupGloo, n: int) -> list[int]:
+    length = torch.tensor([n], dtype=torch.int64)
+    lengths = [torch.empty(1, dtype=torch.int64) for _ in range(side.size())]
+    side.allgather([lengths], [length]).wait()  # type: ignore[attr-defined]  # not in the stubs
+    return [int(t.item()) for t in lengths]
+
+
+def _padded(data: bytes, size: int) -> torch.Tensor:
+    mine = torch.zeros(size, dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return mine
+
+
 def _gather_bytes(side: dist.ProcessGroupGloo, data: bytes) -> list[bytes]:
     """All-gather of byte strings over a bare gloo group: the lengths, then padded buffers."""
     world = side.size()
-    length = torch.tensor([len(data)], dtype=torch.int64)
-    lengths = [torch.empty(1, dtype=torch.int64) for _ in range(world)]
-    side.allgather([lengths], [length]).wait()  # type: ignore[attr-defined]  # not in the stubs
-    sizes = [int(n.item()) for n in lengths]
-    mine = torch.zeros(max(sizes), dtype=torch.uint8)
-    if data:
-        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    sizes = _all_lengths(side, len(data))
+    mine = _padded(data, max(sizes))
     out = [torch.empty(max(sizes), dtype=torch.uint8) for _ in range(world)]
     side.allgather([out], [mine]).wait()  # type: ignore[attr-defined]
     return [bytes(t[:n].numpy()) for t, n in zip(out, sizes)]

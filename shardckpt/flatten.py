@@ -165,7 +165,10 @@ def flatten_state(state: dict[str, object], rank: int) -> tuple[list[TensorItem]
     tensors: list[TensorItem] = []
     values: list[ValueItem] = []
     seen: dict[str, tuple[PathPart, ...]] = {}
-    _walk(state, (), False, rank, tensors, values, seen, route_modules(state))
+    # Without autograd, DTensor.to_local() hands back the local shard instead of running an
+    # autograd Function per tensor: a fifth of flattening, and nothing here needs gradients.
+    with torch.no_grad():
+        _walk(state, (), False, rank, tensors, values, seen, route_modules(state))
     return tensors, values
 
 

@@ -8,6 +8,8 @@ its own slice of the local tensor: nothing is gathered or redistributed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import Partial, Replicate, Shard, _StridedShard
@@ -56,7 +58,7 @@ def local_layout(tensor: torch.Tensor, key: str, rank: int) -> tuple[tuple[int, 
             raise StateMismatchError(f"tensor {key!r}: rank {rank} is outside its mesh but holds {local.numel()} elements")
         return shape, [], local
     try:
-        local_shape, parts = local_parts(shape, splits)
+        local_shape, parts = _parts(shape, tuple(splits))
     except ValueError as e:  # a placement past the last dimension: a broken DTensor
         raise StateMismatchError(f"tensor {key!r} on rank {rank}: placements {tensor.placements} do not fit: {e}") from e
     if tuple(local.shape) != local_shape:
@@ -65,6 +67,13 @@ def local_layout(tensor: torch.Tensor, key: str, rank: int) -> tuple[tuple[int, 
             f"{tensor.placements} (expected {local_shape})"
         )
     return shape, parts, local
+
+
+@functools.lru_cache(maxsize=4096)
+def _parts(shape: tuple[int, ...], splits: tuple[DimSplit, ...]) -> tuple[tuple[int, ...], list[LocalPart]]:
+    """``local_parts``, remembered: a job saves the same layouts over and over, and the index math
+    is a third of flattening a DTensor. Callers only read the (frozen) parts."""
+    return local_parts(shape, list(splits))
 
 
 def local_pieces(

@@ -25,7 +25,8 @@ from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
-from shardckpt.planning.save_plan import RankMeta, SavePlan, WriteItem, plan_save
+from shardckpt.plan_exchange import Agreed, agree, cached_token, fingerprint
+from shardckpt.planning.save_plan import RankMeta, WriteItem
 from shardckpt.storage import Storage, StorageLock, open_storage
 from shardckpt.storage.faults import hit
 
@@ -51,6 +52,10 @@ class SaveResult:
     total_seconds: float
     rank_bytes_raw: int
     rank_bytes_stored: int
+    # This rank's seconds per phase: flatten, gather (the first collective), plan (agreeing on the
+    # plan), snapshot, write (encode, append, fsync, the write gather), commit.
+    phases: dict[str, float] = field(default_factory=dict)
+    plan_reused: bool = False  # every rank reused the plan of the previous save (plan_exchange)
 
     @property
     def compression_ratio(self) -> float:
@@ -69,12 +74,13 @@ class PreparedSave:
     comm: Comm
     options: CompressionOptions
     save_id: str
-    plan: SavePlan
+    agreed: Agreed  # this rank's share of the plan; the whole plan on the coordinator
     items: dict[str, TensorItem]
     check_replicas: bool
     metadata: dict[str, object]  # encoded (format.values), ready for the index
     lock: StorageLock | None  # held by the coordinator from planning until the save ends
     started: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds, as SaveResult.phases
 
     def release(self) -> None:
         try:
@@ -109,6 +115,7 @@ def prepare_save(
 
     def local() -> tuple[list[TensorItem], object]:
         nonlocal encoded_metadata, storage, lock
+        clock = time.perf_counter()
         if precheck is not None:
             precheck()
         hit("flatten")
@@ -119,20 +126,25 @@ def prepare_save(
             lock = storage.lock("save")
             lock.acquire()
         tensors, values = flatten_state(state, comm.rank)
+        rows.extend(item.meta() for item in tensors)
         meta = {
-            "tensors": [t.meta() for t in tensors],
+            "fp": fingerprint(rows),
+            "token": cached_token(comm),
             "values": [[v.key, list(v.path), v.value, v.per_rank] for v in values],
             "save_id": secrets.token_hex(8) if comm.is_coordinator else None,
         }
+        phases["flatten"] = time.perf_counter() - clock  # with opening the storage and the lock
         return tensors, meta
 
+    rows: list[list[object]] = []
+    phases: dict[str, float] = {}
     try:
         tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
+        clock = time.perf_counter()
+        phases["gather"] = clock - started - phases.get("flatten", 0.0)
         metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
-        save_id = str(metas[0]["save_id"])
-        # Every rank plans from the same gathered metadata with a deterministic function, so a bad
-        # state raises the same error on every rank: no gather is needed to agree on the outcome.
-        plan = plan_save(metas, options.block_bytes)
+        agreed = agree(comm, rows, metas, options.block_bytes, f"save to {path}")
+        phases["plan"] = time.perf_counter() - clock
     except BaseException:
         if lock is not None:
             lock.release()
@@ -146,7 +158,8 @@ def prepare_save(
         # A strided shard's second and later boxes (flatten.py): named apart, found by _item_for.
         items[name if name not in items else f"{name}\0box{len(items)}"] = t
     return PreparedSave(
-        storage.location, storage, comm, options, save_id, plan, items, check_replicas, encoded_metadata, lock, started
+        storage.location, storage, comm, options, agreed.save_id, agreed, items, check_replicas, encoded_metadata,
+        lock, started, phases,
     )
 
 
@@ -155,43 +168,70 @@ def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
     shard's (their items named ``key\0box<n>``)."""
     name = w.key if w.entry_rank is None else f"{w.key}\0{w.entry_rank}"
     item = prep.items[name]
-    if item.box.intersect(w.box) == w.box:
+    if item.box == w.box or item.box.intersect(w.box) == w.box:
         return item
     return next(t for n, t in prep.items.items() if n.startswith(f"{name}\0box") and t.box.intersect(w.box) == w.box)
+
+
+# Host-to-host snapshot copies go in batches of up to this many bytes (DeviceCopier.copy_host).
+_BATCH_BYTES = 64 << 20
 
 
 def stage(
     prep: PreparedSave, staging: StagingPool | None = None, copier: DeviceCopier | None = None
 ) -> Iterator[StagedWrite]:
-    """CPU-contiguous bytes for each of this rank's write items, one item at a time.
+    """CPU-contiguous bytes for each of this rank's write items.
 
     With a ``staging`` pool every item is copied into a reused buffer (a snapshot: the caller may
     change its tensors once the items are taken and ``copier`` is synced). Without one, CPU
     tensors that are already contiguous are used in place; the blocking save holds the caller."""
     copier = copier or DeviceCopier()
-    for w in prep.plan.writes[prep.comm.rank]:
+    batch: list[StagedWrite] = []
+    sources: list[torch.Tensor] = []
+    held = 0  # bytes of buffers taken for the batch and not yet handed on
+
+    def flush() -> Iterator[StagedWrite]:
+        nonlocal held
+        if batch:
+            copier.copy_host([sw.data for sw in batch], sources)
+            yield from batch
+            batch.clear()
+            sources.clear()
+            held = 0
+
+    for w in prep.agreed.share.writes:
         hit("stage")
         item = _item_for(prep, w)
-        view = source_view(item.local, item.box, w.box).detach()
+        view = (item.local if item.box == w.box else source_view(item.local, item.box, w.box)).detach()
         if staging is None:
             if view.device.type == "cpu" and view.is_contiguous():
                 yield StagedWrite(w, item.dtype, view)
             else:
                 yield StagedWrite(w, item.dtype, view.to("cpu", copy=True).contiguous())
             continue
+        nbytes = view.numel() * view.element_size()
+        if view.device.type != "cpu" or held + nbytes > _BATCH_BYTES or (
+            staging.budget is not None and held + nbytes > staging.budget
+        ):
+            # Hand the batch on before waiting for more buffers: the pool may only free them once
+            # the writers have these.
+            yield from flush()
         buf = staging.acquire(view.dtype, tuple(view.shape), pin=view.device.type == "cuda")
+        if view.device.type == "cpu":
+            batch.append(StagedWrite(w, item.dtype, buf, None, pooled=True))
+            sources.append(view)
+            held += nbytes
+            continue
         ready = copier.copy(buf, view)
         yield StagedWrite(w, item.dtype, buf, ready, pooled=True)
+    yield from flush()
 
 
 def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, str]:
     """xxh3 of every plain tensor that other ranks also hold, to catch replicas that differ."""
     if not prep.check_replicas:
         return {}
-    wanted = [
-        spec.key for spec in prep.plan.tensors
-        if spec.plain and spec.entry_rank is None and len(spec.holders) > 1 and prep.comm.rank in spec.holders
-    ]
+    wanted = prep.agreed.share.replicated
 
     def digest(key: str) -> str:
         t = prep.items[key].local.detach()
@@ -232,12 +272,13 @@ def write_and_commit(
     storage = prep.storage
     name = data_file_name(prep.save_id, comm.rank)
 
-    def write() -> tuple[None, object]:
+    def write() -> tuple[RankResult, object]:
         storage.ensure_dir(DATA_DIR)
-        if not prep.plan.writes[comm.rank]:
+        if not prep.agreed.share.writes:
             for sw in staged:  # nothing to write, but drain the stream
                 pass
-            return None, {"file": None, "size": 0, "blocks": [], "hashes": hashes}
+            empty: RankResult = {"file": None, "size": 0, "blocks": [], "hashes": hashes}
+            return empty, empty
         out = storage.create(name)
         try:
             out.append(encode_header(prep.save_id, comm.rank))
@@ -248,11 +289,14 @@ def write_and_commit(
             _discard(storage, name)
             raise
         storage.fsync_dir(DATA_DIR, point="data_dir_fsync")
-        return None, {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
+        result: RankResult = {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
+        return result, result
 
     what = f"save to {prep.path}"
+    t0 = time.perf_counter()
     try:
-        _, gathered = comm.run(f"{what}: writing data", write)
+        # The block records go to the coordinator only; every rank learns whether all wrote.
+        own, gathered = comm.run(f"{what}: writing data", write, to_coordinator=True)
     except CommunicationError:
         # Only the coordinator knows for sure that it has not committed.
         if comm.is_coordinator:
@@ -261,12 +305,15 @@ def write_and_commit(
     except BaseException:
         _discard(storage, name)  # a write failed somewhere: nobody commits
         raise
-    results = cast("list[RankResult]", gathered)  # every rank's write() payload
+    results = cast("list[RankResult]", gathered)  # every rank's write() payload, on the coordinator
+    t1 = time.perf_counter()
+    prep.phases["write"] = t1 - t0
 
     outcome: dict[str, object] = {}
     error: BaseException | None = None
     if comm.is_coordinator:
-        outcome, error = publish_index(storage, prep.save_id, prep.plan, results, prep.metadata)
+        assert prep.agreed.plan is not None  # the coordinator holds the whole plan
+        outcome, error = publish_index(storage, prep.save_id, prep.agreed.plan, results, prep.metadata)
     try:
         decided = comm.all_gather(outcome, f"{what}: committing the index")[0]
     except CommunicationError:
@@ -294,10 +341,11 @@ def write_and_commit(
         ) from error
     if comm.is_coordinator:
         remove_stale_files(storage, {str(f) for f in cast("list[str]", outcome["files"])})
+    prep.phases["commit"] = time.perf_counter() - t1
     # The coordinator's [bytes_raw, bytes_stored]; this rank's block records (write_blocks), of
     # which only the int columns 5 (stored length) and 6 (raw length) are read.
     raw, stored = cast("list[int]", decided["totals"])
-    mine = cast("list[list[int]]", results[comm.rank]["blocks"])
+    mine = cast("list[list[int]]", own["blocks"])
     return Committed(raw, stored, sum(b[6] for b in mine), sum(b[5] for b in mine))
 
 
@@ -323,6 +371,8 @@ def result_of(prep: PreparedSave, done: Committed, stall: float, background: flo
         total_seconds=total,
         rank_bytes_raw=done.rank_bytes_raw,
         rank_bytes_stored=done.rank_bytes_stored,
+        phases=dict(prep.phases),
+        plan_reused=not prep.agreed.planned,
     )
     if prep.comm.is_coordinator:
         log.info(

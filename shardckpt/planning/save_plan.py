@@ -51,6 +51,14 @@ class SavePlan:
     values: list[ValueSpec]
     writes: dict[int, list[WriteItem]] = field(default_factory=dict)
 
+    def replicated(self, rank: int) -> list[str]:
+        """Keys of the plain tensors that ``rank`` holds together with other ranks: the replicas
+        whose equality save checks."""
+        return [
+            s.key for s in self.tensors
+            if s.plain and s.entry_rank is None and len(s.holders) > 1 and rank in s.holders
+        ]
+
 
 RankMeta = Mapping[str, object]
 # One row of ``meta["tensors"]`` (``TensorItem.meta()``) and of ``meta["values"]``, as they arrive after
@@ -84,7 +92,7 @@ def plan_save(metas: list[RankMeta], block_bytes: int) -> SavePlan:
             boxes.setdefault(ident, {}).setdefault(Box(tuple(offsets), tuple(sizes)), []).append(rank)
     _check_kinds(specs, metas)
 
-    plan = SavePlan(tensors=[], values=_plan_values(metas), writes={r: [] for r in range(len(metas))})
+    plan = SavePlan(tensors=[], values=plan_values(metas), writes={r: [] for r in range(len(metas))})
     jobs: list[tuple[int, WriteItem, list[int]]] = []
     for ident, spec in sorted(specs.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1)):
         held = boxes[ident]
@@ -106,11 +114,15 @@ def plan_save(metas: list[RankMeta], block_bytes: int) -> SavePlan:
 
 
 def _check_kinds(specs: dict[tuple[str, int | None], TensorSpec], metas: list[RankMeta]) -> None:
-    tensor_keys = {k for k, _ in specs}
     per_rank = {k for k, r in specs if r is not None}
     global_ = {k for k, r in specs if r is None}
     for key in sorted(per_rank & global_):
         raise StateMismatchError(f"tensor {key!r} is wrapped in PerRank on some ranks but not on others")
+    check_value_keys({k for k, _ in specs}, metas)
+
+
+def check_value_keys(tensor_keys: set[str] | frozenset[str], metas: list[RankMeta]) -> None:
+    """No key may be a tensor on one rank and a value on another."""
     for rank, meta in enumerate(metas):
         for key, *_ in _value_rows(meta):
             if key in tensor_keys:
@@ -147,7 +159,9 @@ def _bands(box: Box, holders: int, itemsize: int, block_bytes: int) -> list[Box]
     return bands
 
 
-def _plan_values(metas: list[RankMeta]) -> list[ValueSpec]:
+def plan_values(metas: list[RankMeta]) -> list[ValueSpec]:
+    """The values to store, from every rank's ``meta["values"]``; raises when a value that is not
+    per-rank differs between ranks."""
     out: dict[tuple[str, int | None], ValueSpec] = {}
     first_rank: dict[str, int] = {}
     for rank, meta in enumerate(metas):

@@ -1,0 +1,150 @@
+"""How the ranks of a save agree on its plan, with as little traffic as a repeated save allows.
+
+Planning needs every rank's tensor metadata (keys, shapes, boxes), which grows with ranks times
+tensors, yet a training job saves the same structure over and over. So:
+
+1. Every rank fingerprints its tensor metadata and all-gathers the fingerprint, a token naming the
+   plan it has cached, and its values (small, and they change every save: the step).
+2. When every rank's token names exactly the gathered fingerprints, each rank reuses its cached
+   share of the plan: no metadata moves and nothing is planned.
+3. Otherwise the tensor metadata goes to the coordinator only, which plans and scatters to each
+   rank its share: what it writes, which replicas it hashes, and the set of tensor keys.
+
+Every branch is taken from gathered data alone, so all ranks take the same one, and an error of
+planning is raised on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import cast
+
+import xxhash
+
+from shardckpt.dist import Comm
+from shardckpt.errors import CheckpointError, RankFailedError, ReplicaMismatchError, StateMismatchError
+from shardckpt.planning.boxes import Box
+from shardckpt.planning.save_plan import (
+    RankMeta,
+    SavePlan,
+    ValueSpec,
+    WriteItem,
+    check_value_keys,
+    plan_save,
+    plan_values,
+)
+
+
+@dataclass(frozen=True)
+class Share:
+    """One rank's part of a save plan."""
+
+    writes: list[WriteItem]
+    replicated: list[str]  # keys of plain tensors it holds with other ranks (their hashes are compared)
+    tensor_keys: frozenset[str]  # every tensor key of the save, on any rank
+
+
+@dataclass(frozen=True)
+class Agreed:
+    save_id: str
+    share: Share
+    values: list[ValueSpec]
+    plan: SavePlan | None  # on the coordinator: the whole plan, with this save's values
+    planned: bool  # False when every rank's cached plan served
+
+
+@dataclass(frozen=True)
+class _Cached:
+    token: str
+    share: Share
+    plan: SavePlan | None
+
+
+# (id of the job group, rank) -> the plan of its last save. The token, not the key, decides reuse:
+# a group that reuses a dead one's id gets a different token unless its metadata is the same, and
+# a plan is a pure function of the metadata.
+_CACHE: dict[tuple[int, int], _Cached] = {}
+
+
+def fingerprint(rows: Sequence[object]) -> str:
+    """A 128-bit hash of this rank's tensor metadata rows (JSON keeps int and str path parts apart)."""
+    return xxhash.xxh3_128_hexdigest(json.dumps(rows, separators=(",", ":")).encode())
+
+
+def cached_token(comm: Comm) -> str | None:
+    """The token of this rank's cached plan, sent in the first gather."""
+    cached = _CACHE.get(_key(comm))
+    return cached.token if cached is not None else None
+
+
+def agree(comm: Comm, rows: list[list[object]], metas: list[RankMeta], block_bytes: int, what: str) -> Agreed:
+    """Decide this save's plan; collective. ``rows`` are this rank's tensor metadata rows;
+    ``metas[r]`` is rank r's first-gather payload: ``{"fp", "token", "values", "save_id"}``."""
+    save_id = str(metas[0]["save_id"])
+    values = plan_values(metas)  # the same error on every rank: every rank has every value
+    token = _token([str(m["fp"]) for m in metas], block_bytes, comm.world_size)
+    cached = _CACHE.get(_key(comm))
+    if cached is not None and all(m["token"] == token for m in metas):
+        check_value_keys(cached.share.tensor_keys, metas)
+        whole = replace(cached.plan, values=values) if cached.plan is not None else None
+        return Agreed(save_id, cached.share, values, whole, planned=False)
+    _CACHE.pop(_key(comm), None)  # a failed agreement must not leave a stale plan behind
+
+    gathered = comm.gather(rows, f"{what}: gathering tensor metadata")
+    plan: SavePlan | None = None
+    payloads: list[object] | None = None
+    error: BaseException | None = None
+    if gathered is not None:  # the coordinator plans for everyone
+        try:
+            full: list[RankMeta] = [{"tensors": r, "values": m["values"]} for r, m in zip(gathered, metas)]
+            plan = plan_save(full, block_bytes)
+            keys = sorted({s.key for s in plan.tensors})
+            payloads = [_share_payload(plan, rank, keys) for rank in range(comm.world_size)]
+        except Exception as e:  # noqa: BLE001 - the other ranks must learn it from the scatter
+            error = e
+            payloads = [{"error": f"{type(e).__name__}: {e}", "type": type(e).__name__}] * comm.world_size
+    mine = cast("dict[str, object]", comm.scatter(payloads, f"{what}: sending each rank its plan"))
+    if "error" in mine:
+        if error is not None:
+            raise error
+        raise _error_from(mine, what)
+    share = _share(mine)
+    _CACHE[_key(comm)] = _Cached(token, share, plan)
+    return Agreed(save_id, share, values, plan, planned=True)
+
+
+def _token(fps: list[str], block_bytes: int, world: int) -> str:
+    return xxhash.xxh3_128_hexdigest(json.dumps([fps, block_bytes, world]).encode())
+
+
+def _key(comm: Comm) -> tuple[int, int]:
+    return (id(comm.group) if comm.group is not None else 0, comm.rank)
+
+
+def _share_payload(plan: SavePlan, rank: int, keys: list[str]) -> dict[str, object]:
+    writes = [[w.key, list(w.box.offsets), list(w.box.sizes), w.entry_rank] for w in plan.writes[rank]]
+    return {"writes": writes, "replicated": plan.replicated(rank), "keys": keys}
+
+
+def _share(payload: dict[str, object]) -> Share:
+    rows = cast("list[tuple[str, list[int], list[int], int | None]]", payload["writes"])
+    writes = [WriteItem(key, Box(tuple(offsets), tuple(sizes)), entry_rank) for key, offsets, sizes, entry_rank in rows]
+    keys = cast("list[str]", payload["keys"])
+    return Share(writes, cast("list[str]", payload["replicated"]), frozenset(keys))
+
+
+_PLANNING_ERRORS: dict[str, type[CheckpointError]] = {
+    cls.__name__: cls for cls in (CheckpointError, StateMismatchError, ReplicaMismatchError)
+}
+
+
+def _error_from(payload: dict[str, object], what: str) -> CheckpointError:
+    """The coordinator's planning error, raised on this rank with the same type when it is one of
+    planning's own (a bad state: the same error a local plan would raise)."""
+    kind = _PLANNING_ERRORS.get(str(payload["type"]))
+    message = str(payload["error"]).split(": ", 1)[-1]
+    if kind is not None:
+        return kind(message)
+    return RankFailedError(f"{what}: planning failed on the coordinator (rank 0): {payload['error']}", {0: str(payload["error"])})

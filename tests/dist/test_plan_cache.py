@@ -1,0 +1,136 @@
+"""A repeated save reuses its plan (plan_exchange.py) only while every rank's structure is unchanged,
+and metadata that grows with the world goes to the coordinator only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shardckpt
+from tests.dist.harness import run_ranks
+
+
+def _per_rank_state(rank: int, rows: int) -> dict[str, object]:
+    return {
+        "w": torch.arange(12.0).reshape(4, 3),
+        "mine": shardckpt.PerRank(torch.full((rows, 2), float(rank))),
+        "step": 0,
+    }
+
+
+def repeated_saves(rank: int, world: int, path: str) -> list[object]:
+    reused = []
+    for i, rows in enumerate([3, 3, 3, 5 if rank == 1 else 3, 5 if rank == 1 else 3]):
+        state = _per_rank_state(rank, rows)
+        state["step"] = i
+        reused.append(shardckpt.save(state, f"{path}/{i}").plan_reused)
+    loaded = []
+    for i, rows in enumerate([3, 3, 3, 5 if rank == 1 else 3]):
+        target = _per_rank_state(rank, rows)
+        target["mine"] = shardckpt.PerRank(torch.zeros(rows, 2))
+        shardckpt.load(target, f"{path}/{i}")
+        mine = target["mine"].value  # type: ignore[union-attr]
+        loaded.append(bool(torch.equal(mine, torch.full((rows, 2), float(rank)))) and target["step"] == i)
+    return [reused, loaded]
+
+
+def test_repeated_saves_reuse_the_plan_until_one_rank_changes_shape(tmp_path):
+    results = run_ranks(2, repeated_saves, str(tmp_path))
+    for reused, loaded in results:
+        # The first save plans, the next two reuse it; rank 1's PerRank tensor grows: every rank
+        # plans again (a stale plan would write 3 rows of 5), then the new plan is reused.
+        assert reused == [False, True, True, False, True]
+        assert loaded == [True, True, True, True]
+
+
+def diverged_caches(rank: int, world: int, path: str) -> list[bool]:
+    from shardckpt import plan_exchange
+
+    state = _per_rank_state(rank, 3)
+    reused = [shardckpt.save(state, f"{path}/a").plan_reused]
+    if rank == 2:
+        plan_exchange._CACHE.clear()  # this rank alone lost its plan: every rank must plan again
+    reused.append(shardckpt.save(state, f"{path}/b").plan_reused)
+    reused.append(shardckpt.save(state, f"{path}/c").plan_reused)
+    return reused
+
+
+def test_a_rank_without_the_cached_plan_makes_every_rank_plan_again(tmp_path):
+    assert run_ranks(3, diverged_caches, str(tmp_path), timeout=120) == [[False, False, True]] * 3
+    assert shardckpt.verify(str(tmp_path / "b")).tensors == 4  # w and three ranks' "mine"
+
+
+def value_collides_after_a_cached_plan(rank: int, world: int, path: str) -> list[str]:
+    # Rank 0 holds a per-rank tensor "x"; rank 1 has no "x". Once the plan is cached, rank 1 names a
+    # value "x": its tensor metadata is unchanged, so the collision must be caught without replanning.
+    state: dict[str, object] = {"w": torch.ones(4)}
+    if rank == 0:
+        state["x"] = shardckpt.PerRank(torch.zeros(2))
+    outcomes = []
+    for i in range(3):
+        if i == 2 and rank == 1:
+            state["x"] = shardckpt.PerRank(7)
+        try:
+            shardckpt.save(state, f"{path}/{i}")
+            outcomes.append("ok")
+        except shardckpt.CheckpointError as e:
+            outcomes.append(f"{type(e).__name__}: {e}")
+    return outcomes
+
+
+def test_a_value_named_like_another_ranks_tensor_is_refused_on_every_rank_with_a_cached_plan(tmp_path):
+    for outcomes in run_ranks(2, value_collides_after_a_cached_plan, str(tmp_path)):
+        assert outcomes[:2] == ["ok", "ok"]
+        assert outcomes[2].startswith("StateMismatchError: key 'x' is a tensor on some ranks but a value on rank 1")
+    assert not (tmp_path / "2" / "index.json").exists()
+
+
+def gather_and_scatter(rank: int, world: int) -> list[object]:
+    import torch.distributed as dist
+
+    from shardckpt.dist import Comm
+
+    comm = Comm(dist.group.WORLD)
+    got = comm.gather({"rank": rank, "blob": "x" * (rank * 1000)})
+    side = comm.side_group().gather([rank] * (rank + 1))
+    mine = comm.scatter([{"to": r} for r in range(world)] if rank == 0 else None)
+    _, to_coord = comm.run("a test", lambda: (None, rank * 10), to_coordinator=True)
+    return [got, side, mine, to_coord]
+
+
+def test_gathers_reach_the_coordinator_only():
+    results = run_ranks(3, gather_and_scatter)
+    assert results[0][0] == [{"rank": r, "blob": "x" * (r * 1000)} for r in range(3)]
+    assert results[0][1] == [[0], [1, 1], [2, 2, 2]]
+    assert results[0][3] == [0, 10, 20]
+    for rank, (got, side, mine, to_coord) in enumerate(results):
+        assert mine == {"to": rank}
+        if rank:
+            assert got is None and side is None and to_coord == []
+
+
+@pytest.mark.parametrize("failing", [0, 2])
+def test_a_failure_before_a_gather_to_the_coordinator_reaches_every_rank(failing):
+    results = run_ranks(3, _fail_on, failing)
+    for rank, outcome in enumerate(results):
+        if rank == failing:
+            assert outcome.startswith("CheckpointIOError: a test failed on rank")
+        else:
+            assert outcome.startswith(f"RankFailedError: a test failed on rank(s) [{failing}]")
+
+
+def _fail_on(rank: int, world: int, failing: int) -> str:
+    import torch.distributed as dist
+
+    from shardckpt.dist import Comm
+
+    def fn() -> tuple[None, object]:
+        if rank == failing:
+            raise OSError("disk on fire")
+        return None, rank
+
+    try:
+        Comm(dist.group.WORLD).run("a test", fn, to_coordinator=True)
+    except shardckpt.CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+    return "ok"
