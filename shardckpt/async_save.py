@@ -225,7 +225,7 @@ class AsyncSaver:
             for sw in stage(prep, self.staging, self.copier):
                 feed.put(sw)
             self.copier.sync()
-            hashes.update(replica_hashes(prep, self.writers))
+            hashes.update(replica_hashes(prep, self.writers, self.copier))
             prep.phases["snapshot"] = time.perf_counter() - t
             if check is not None:
                 check()  # before _END: a failed check means nothing is committed

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from shardckpt.codec.checksum import checksum
 from shardckpt.commit import RankResult, publish_index, remove_stale_files
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
@@ -27,12 +26,11 @@ from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
 from shardckpt.plan_exchange import Agreed, agree, cached_token, fingerprint
 from shardckpt.planning.save_plan import RankMeta, WriteItem
+from shardckpt.replica_digest import replica_digest
 from shardckpt.storage import Storage, StorageLock, open_storage
 from shardckpt.storage.faults import hit
 
 if TYPE_CHECKING:
-    from typing_extensions import Buffer
-
     from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
@@ -227,19 +225,26 @@ def stage(
     yield from flush()
 
 
-def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor) -> dict[str, str]:
-    """xxh3 of every plain tensor that other ranks also hold, to catch replicas that differ."""
+def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor, copier: DeviceCopier | None = None) -> dict[str, str]:
+    """A digest of every plain tensor that other ranks also hold, to catch replicas that differ.
+
+    Host tensors are hashed in place on the pool; device tensors are digested on the device, on
+    the copier's stream (ordered after the training stream's queued work), so that no replica is
+    copied to the host while the training loop waits (replica_digest.py)."""
     if not prep.check_replicas:
         return {}
     wanted = prep.agreed.share.replicated
-
-    def digest(key: str) -> str:
-        t = prep.items[key].local.detach()
-        t = t.cpu() if t.device.type != "cpu" else t
-        # cast: numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12 (see codec/blocks.py).
-        return checksum(cast("Buffer", t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-    return dict(zip(wanted, pool.map(digest, wanted)))
+    local = {key: prep.items[key].local for key in wanted}
+    on_host = [key for key, t in local.items() if t.device.type == "cpu"]
+    out = dict(zip(on_host, pool.map(lambda key: replica_digest(local[key]), on_host)))
+    copier = copier or DeviceCopier()
+    for key, t in local.items():
+        if t.device.type == "cuda":
+            with copier.ordered(t.device):
+                out[key] = replica_digest(t)
+        elif key not in out:
+            out[key] = replica_digest(t)
+    return out
 
 
 @dataclass(frozen=True)

@@ -116,22 +116,27 @@ class DeviceCopier:
         if src.device.type != "cuda":
             dst.copy_(src)
             return None
+        with self.ordered(src.device):
+            stream = torch.cuda.current_stream(src.device)
+            dst.copy_(src, non_blocking=dst.is_pinned())
+            # The source may be freed by the caller once the copy is done, not before.
+            src.record_stream(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def ordered(self, device: torch.device) -> torch.cuda.StreamContext:
+        """Run the block's device work on the side stream, after every kernel already queued on
+        the training stream (the snapshot must see them all)."""
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=src.device)
+            self._stream = torch.cuda.Stream(device=device)
         if not self._pending:
-            # The snapshot must see every kernel already queued on the training stream.
             if self._start is not None:
                 self._stream.wait_event(self._start)
             else:
-                self._stream.wait_stream(torch.cuda.current_stream(src.device))
+                self._stream.wait_stream(torch.cuda.current_stream(device))
             self._pending = True
-        with torch.cuda.stream(self._stream):
-            dst.copy_(src, non_blocking=dst.is_pinned())
-            # The source may be freed by the caller once the copy is done, not before.
-            src.record_stream(self._stream)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        return done
+        return torch.cuda.stream(self._stream)
 
     def sync(self) -> None:
         if self._stream is not None and self._pending:
