@@ -26,7 +26,7 @@ from shardckpt.options import Compression, compression_options, io_threads
 from shardckpt.pipeline.reader import ReadRequest, check_files, execute_reads, read_block, run_bounded
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
-from shardckpt.saving import SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
+from shardckpt.saving import SaveResult, prepare_save, result_of, save_streaming
 from shardckpt.storage import Storage, open_storage
 from shardckpt.storage.s3 import S3Options
 
@@ -70,13 +70,8 @@ def save(
     prep = prepare_save(state, path, comm, options, check_replicas, metadata, s3=s3)
     try:
         with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-save") as pool:
-            # Hashing replicas can fail too (a device error): inside the gather, like staging.
-            (staged, hashes), _ = comm.run(
-                f"save to {path}: staging", lambda: ((list(stage(prep)), replica_hashes(prep, pool)), None)
-            )
             stall = time.perf_counter() - t0
-            prep.phases["snapshot"] = stall - sum(prep.phases.values())
-            done = write_and_commit(prep, staged, hashes, comm, pool)
+            done = save_streaming(prep, comm, pool)
     finally:
         prep.release()
     return result_of(prep, done, stall, time.perf_counter() - t0 - stall)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationEr
 from shardckpt.flatten import TensorItem, flatten_state
 from shardckpt.format.schema import DATA_DIR
 from shardckpt.format.values import encode_value
-from shardckpt.options import CompressionOptions
+from shardckpt.options import CompressionOptions, staging_budget
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
@@ -176,13 +177,14 @@ _BATCH_BYTES = 64 << 20
 
 
 def stage(
-    prep: PreparedSave, staging: StagingPool | None = None, copier: DeviceCopier | None = None
+    prep: PreparedSave, staging: StagingPool | None = None, copier: DeviceCopier | None = None, copy_host: bool = True
 ) -> Iterator[StagedWrite]:
     """CPU-contiguous bytes for each of this rank's write items.
 
     With a ``staging`` pool every item is copied into a reused buffer (a snapshot: the caller may
-    change its tensors once the items are taken and ``copier`` is synced). Without one, CPU
-    tensors that are already contiguous are used in place; the blocking save holds the caller."""
+    change its tensors once the items are taken and ``copier`` is synced). Without one, or with
+    ``copy_host`` off (the blocking save, which holds the caller), host tensors that are already
+    contiguous are used in place."""
     copier = copier or DeviceCopier()
     batch: list[StagedWrite] = []
     sources: list[torch.Tensor] = []
@@ -201,6 +203,9 @@ def stage(
         hit("stage")
         item = _item_for(prep, w)
         view = (item.local if item.box == w.box else source_view(item.local, item.box, w.box)).detach()
+        if not copy_host and view.device.type == "cpu" and view.is_contiguous():
+            yield StagedWrite(w, item.dtype, view)
+            continue
         if staging is None:
             if view.device.type == "cpu" and view.is_contiguous():
                 yield StagedWrite(w, item.dtype, view)
@@ -245,6 +250,39 @@ def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor, copier: DeviceC
         elif key not in out:
             out[key] = replica_digest(t)
     return out
+
+
+# The blocking save's host ring for device tensors (pinned for CUDA), kept across saves: pinned
+# memory is slow to allocate. Bounded by the staging budget, else by _RING_BYTES.
+_RING = StagingPool()
+_RING_LOCK = threading.Lock()  # one blocking save streams through the ring at a time
+_RING_BYTES = 512 << 20
+
+
+def save_streaming(prep: PreparedSave, comm: Comm, pool: ThreadPoolExecutor) -> Committed:
+    """The blocking save's write: the same staged pipeline as async_save, with host tensors used
+    in place and device tensors copied through the ring while earlier items are encoded and
+    written (device-to-host copies overlap encoding; host memory stays within the ring). Staging
+    and the replica digests run inside the write gather, so a failure there fails every rank."""
+    hashes: dict[str, str] = {}
+    copier = DeviceCopier()
+
+    def items() -> Iterator[StagedWrite]:
+        yield from stage(prep, _RING, copier, copy_host=False)
+        copier.sync()
+        hashes.update(replica_hashes(prep, pool, copier))
+
+    def release(sw: StagedWrite) -> None:
+        if sw.pooled:
+            sw.pooled = False
+            _RING.release(sw.data)
+
+    with _RING_LOCK:
+        _RING.budget = staging_budget() or _RING_BYTES
+        try:
+            return write_and_commit(prep, items(), hashes, comm, pool, on_written=release)
+        finally:
+            _RING.reclaim()  # the writers are done (write_blocks waits for them)
 
 
 @dataclass(frozen=True)

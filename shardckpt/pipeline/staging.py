@@ -28,6 +28,7 @@ class StagingPool:
         self._free: dict[tuple[torch.dtype, Shape, bool], list[torch.Tensor]] = defaultdict(list)
         self._free_bytes = 0
         self._used_bytes = 0
+        self.peak_bytes = 0  # the most bytes the pool has held at once (in use or free)
         self._cond = threading.Condition()
         self._closed = False
 
@@ -53,6 +54,7 @@ class StagingPool:
                 if self.budget is None or self._used_bytes == 0 or self._used_bytes + nbytes <= self.budget:
                     self._evict(max(0, self.held_bytes + nbytes - (self.budget or self.held_bytes + nbytes)))
                     self._used_bytes += nbytes
+                    self.peak_bytes = max(self.peak_bytes, self.held_bytes)
                     break
                 if self.on_block is not None:
                     self.on_block()
@@ -65,6 +67,13 @@ class StagingPool:
             self._used_bytes -= nbytes
             self._free[(buf.dtype, tuple(buf.shape), buf.is_pinned())].append(buf)
             self._free_bytes += nbytes
+            self._cond.notify_all()
+
+    def reclaim(self) -> None:
+        """Forget the buffers still counted as in use once a save is over: a failed save may drop
+        buffers it took without handing them back, and they must not hold the budget forever."""
+        with self._cond:
+            self._used_bytes = 0
             self._cond.notify_all()
 
     def _evict(self, need: int) -> None:
