@@ -111,8 +111,20 @@ def load(
         shardckpt.load({"model": model, "optim": optim, "step": 0}, "ckpt/step-100")
     """
     comm = Comm.for_group(process_group)
-    storage = open_storage(path, s3=s3)
-    where = str(path)
+    load_from(state, open_storage(path, s3=s3), str(path), comm, strict=strict, read_once=read_once,
+              dtype_cast=dtype_cast)
+
+
+def load_from(
+    state: dict[str, object], storage: Storage, where: str, comm: Comm, *, strict: bool = True,
+    read_once: bool = False, dtype_cast: bool = False, file_readers: dict[str, frozenset[int]] | None = None,
+) -> None:
+    """``load`` from an open ``storage`` (closed when done); ``where`` names it in messages.
+
+    ``file_readers`` is for storages that differ by rank (the memory tier: each rank sees its own
+    node's files): it names the ranks that hold each data file, and blocks then travel from a rank
+    that holds them to the ranks that need them (``read_shared``)."""
+    path = where
     try:
         index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
         if len(set(ids)) > 1:
@@ -141,12 +153,12 @@ def load(
                 execute_reads(storage, index, walk.requests, pool, where)
             return None, None
 
-        if read_once and comm.world_size > 1:
+        if (read_once or file_readers is not None) and comm.world_size > 1:
             from shardckpt.shared_reads import read_shared
 
             comm.run(f"load from {path}", match)
             with ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-load") as pool:
-                read_shared(storage, index, walk.requests, comm, pool, where)
+                read_shared(storage, index, walk.requests, comm, pool, where, file_readers)
         else:
             comm.run(f"load from {path}", read)
     finally:

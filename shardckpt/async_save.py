@@ -28,11 +28,25 @@ from shardckpt.errors import CheckpointError, StateMismatchError
 from shardckpt.options import Compression, compression_options, io_threads, staging_budget
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite
-from shardckpt.saving import PreparedSave, SaveResult, prepare_save, replica_hashes, result_of, stage, write_and_commit
+from shardckpt.saving import (
+    Committed,
+    PreparedSave,
+    SaveResult,
+    prepare_save,
+    replica_hashes,
+    result_of,
+    stage,
+    write_and_commit,
+)
 from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)
 _END = object()
+# write_and_commit's signature: (prep, staged items, replica hashes, side comm, writers, on_written).
+WriteAndCommit = Callable[
+    [PreparedSave, Iterator[StagedWrite], dict[str, str], Comm, ThreadPoolExecutor, Callable[[StagedWrite], None]],
+    Committed,
+]
 
 
 class _Stall:
@@ -119,7 +133,10 @@ class AsyncSaver:
         lazy: bool,
         budget_bytes: int | None = None,
         s3: S3Options | None = None,
+        write: WriteAndCommit = write_and_commit,
     ) -> SaveHandle:
+        """``write`` runs on the background thread once the snapshot streams: ``write_and_commit``,
+        or the memory tier's variant (memtier/save.py), which replicates before it commits."""
         t0 = time.perf_counter()
         unseen = self._wait_previous()
         if budget_bytes is not None:  # only now: the previous save's buffers are all back in the pool
@@ -143,7 +160,7 @@ class AsyncSaver:
         # staging budget runs out must they start early, to hand buffers back.
         go = threading.Event()
         self.staging.on_block = go.set
-        self.committer.submit(self._background, prep, feed, hashes, future, stall, go)
+        self.committer.submit(self._background, prep, feed, hashes, future, stall, go, write)
         self.last = SaveHandle(str(path), future, stall, snapshot_done)
         try:
             self._start_snapshot(prep, feed, hashes, stall, t0, lazy, go, snapshot_done)
@@ -244,6 +261,7 @@ class AsyncSaver:
         future: Future[SaveResult],
         stall: _Stall,
         go: threading.Event,
+        write: WriteAndCommit,
     ) -> None:
         go.wait()
         t0 = time.perf_counter()
@@ -268,7 +286,7 @@ class AsyncSaver:
                     yield got
 
         try:
-            done = write_and_commit(prep, items(), hashes, self.side, self.writers, release)
+            done = write(prep, items(), hashes, self.side, self.writers, release)
             result = result_of(prep, done, stall.seconds, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle
             # Take (and free) whatever the snapshot still hands over, so it never blocks on the budget.
@@ -388,7 +406,12 @@ def async_save(
         ...  # keep training
         handle.wait()
     """
-    comm = Comm.for_group(process_group)
+    saver = saver_for(Comm.for_group(process_group))
+    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy, staging_budget_bytes, s3)
+
+
+def saver_for(comm: Comm) -> AsyncSaver:
+    """The process group's saver (created on first use; collective then, for its side group)."""
     with _LOCK:
         saver = _SAVERS.get(_key(comm))
         if saver is not None and saver.comm.group is not comm.group:
@@ -398,7 +421,7 @@ def async_save(
             _close_quietly(stale)
         if saver is None:
             saver = _SAVERS[_key(comm)] = AsyncSaver(comm, staging_budget())
-    return saver.save(state, Path(path), compression, check_replicas, metadata, lazy, staging_budget_bytes, s3)
+    return saver
 
 
 def _key(comm: Comm) -> object:

@@ -180,14 +180,17 @@ class Comm:
         """All-to-all of CPU bytes: ``send`` holds ``send_sizes[r]`` bytes for each rank r in rank
         order; returns the ``recv_sizes[r]`` bytes from each rank r, concatenated in rank order.
 
-        Runs over the job group when it is a gloo group, else over a gloo group of shardckpt's own
-        (an NCCL group cannot move CPU tensors), created once per job group. Collective."""
+        Runs over the side group on a side Comm, else over the job group when it is a gloo group,
+        else over a gloo group of shardckpt's own (an NCCL group cannot move CPU tensors), created
+        once per job group. Collective."""
         recv = torch.empty(sum(recv_sizes), dtype=torch.uint8)
         if self.group is None:
             recv.copy_(send)
             return recv
         try:
-            if dist.get_backend(self.group) == "gloo":
+            if self._side is not None:  # on a background thread: never the job group
+                self._side.alltoall_base(recv, send, recv_sizes, send_sizes).wait()  # type: ignore[attr-defined]
+            elif dist.get_backend(self.group) == "gloo":
                 dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=self.group)
             else:
                 gloo = self._gloo_group("reads")

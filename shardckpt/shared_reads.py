@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from shardckpt.dist import Comm
-from shardckpt.errors import CheckpointError
+from shardckpt.errors import CheckpointError, IncompleteCheckpointError
 from shardckpt.format.schema import CheckpointIndex, TensorEntry
 from shardckpt.options import read_round_bytes
 from shardckpt.pipeline.reader import (
@@ -32,6 +32,7 @@ from shardckpt.pipeline.reader import (
     read_block,
     read_into_target,
 )
+from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead
 from shardckpt.planning.shared_reads import SharedReadPlan, from_runs, plan_shared_reads, to_runs
 from shardckpt.storage import Storage
@@ -50,10 +51,14 @@ class SharedReadCounts:
 
 def read_shared(
     storage: Storage, index: CheckpointIndex, requests: list[ReadRequest], comm: Comm, pool: ThreadPoolExecutor,
-    where: str,
+    where: str, file_readers: dict[str, frozenset[int]] | None = None,
 ) -> SharedReadCounts:
     """Fill every request's target, reading each block that several ranks need once in the group.
-    Collective: every rank of ``comm`` calls it with its own requests (possibly none)."""
+    Collective: every rank of ``comm`` calls it with its own requests (possibly none).
+
+    ``file_readers`` (the same on every rank), when given, names the ranks whose ``storage`` holds
+    each data file (the memory tier, where each rank sees only its own node's files): a block is
+    read only by such a rank, and sent to the ranks that need it."""
     entries: list[tuple[TensorEntry, int]] = []  # block number -> (entry, block position in it)
     number: dict[int, int] = {}
     for entry in index.tensors:
@@ -72,7 +77,14 @@ def read_shared(
         needs = [from_runs(runs, len(entries)) for runs in gathered]  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:  # every rank ran the same code on the same index: a bug
         raise CheckpointError(f"{where}: the ranks disagree about the index's blocks ({e})") from e
-    plan = plan_shared_reads(needs, stored, raw, read_round_bytes())
+    readable = None
+    if file_readers is not None:
+        names = [f.name for f in index.files]
+        readable = [file_readers.get(names[e.blocks[i].file], frozenset()) for e, i in entries]
+    try:
+        plan = plan_shared_reads(needs, stored, raw, read_round_bytes(), readable)
+    except ValueError as e:  # the caller's file_readers leave a needed file unread
+        raise IncompleteCheckpointError(f"{where}: {e}") from e
     me = comm.rank
     private = [b for b in sorted(uses) if b not in plan.readers]
     assigned = [b for b in sorted(plan.readers) if plan.readers[b] == me]
@@ -96,7 +108,7 @@ def read_shared(
         t0 = time.perf_counter()
         send, send_sizes, slots = _send_layout(plan, blocks, raw, me, comm.world_size)
         futures: list[Future[None]] = [
-            pool.submit(_read_and_share, storage, index, entries[b][0], uses[b], send, slots[b], plan, b, me, where)
+            pool.submit(_read_and_share, storage, index, entries[b], uses.get(b, []), send, slots[b], plan, b, me, where)
             for b in blocks if plan.readers[b] == me
         ]
         if i == 0:
@@ -159,12 +171,18 @@ def _send_layout(
 
 
 def _read_and_share(
-    storage: Storage, index: CheckpointIndex, entry: TensorEntry, uses: list[tuple[ReadRequest, BlockRead]],
-    send: torch.Tensor, slots: list[int], plan: SharedReadPlan, number: int, me: int, where: str,
+    storage: Storage, index: CheckpointIndex, position: tuple[TensorEntry, int],
+    uses: list[tuple[ReadRequest, BlockRead]], send: torch.Tensor, slots: list[int], plan: SharedReadPlan,
+    number: int, me: int, where: str,
 ) -> None:
-    """Read one shared block, copy it into this rank's targets and into each receiver's slot."""
+    """Read one shared block, copy it into this rank's targets (none when it reads the block for
+    others only) and into each receiver's slot."""
+    entry, i = position
+    stored_block = entry.blocks[i]
+    box = Box(stored_block.offsets, stored_block.sizes)
+    read = uses[0][1] if uses else BlockRead(stored_block, box, box)
     try:
-        block = read_block(storage, index, entry, uses[0][1], where)
+        block = read_block(storage, index, entry, read, where)
     except CheckpointError as e:
         others = [r for r in plan.needers[number] if r != me]
         raise _with_note(e, f"(rank {me} reads this block for ranks {others} too)") from e

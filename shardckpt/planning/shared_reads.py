@@ -22,8 +22,9 @@ Runs = list[list[int]]  # [[start, stop), ...] of block numbers, ascending and d
 @dataclass(frozen=True)
 class SharedReadPlan:
     """``readers[b]``: the rank that reads shared block ``b``; ``needers[b]``: every rank that needs
-    it (ascending, the reader among them); ``rounds``: the shared blocks of each exchange, ascending.
-    Blocks that only one rank needs are in none of these: that rank reads them itself."""
+    it (ascending; the reader is among them unless no needer can read the block); ``rounds``: the
+    shared blocks of each exchange, ascending. Blocks that only one rank needs, and that rank can
+    read, are in none of these: that rank reads them itself."""
 
     readers: dict[int, int]
     needers: dict[int, tuple[int, ...]]
@@ -58,23 +59,40 @@ def from_runs(runs: Sequence[Sequence[int]], count: int) -> list[int]:
 
 
 def plan_shared_reads(
-    needs: Sequence[Sequence[int]], stored: Sequence[int], raw: Sequence[int], round_bytes: int
+    needs: Sequence[Sequence[int]], stored: Sequence[int], raw: Sequence[int], round_bytes: int,
+    readable: Sequence[frozenset[int]] | None = None,
 ) -> SharedReadPlan:
     """``needs[r]``: the blocks rank r needs; ``stored[b]`` / ``raw[b]``: block b's stored and
     decoded sizes; ``round_bytes``: the decoded bytes of shared blocks per exchange round (a
-    larger block gets a round of its own)."""
+    larger block gets a round of its own).
+
+    ``readable[b]``, when given, is the set of ranks that can read block b at all (the memory
+    tier: the ranks on a node that holds its file). A block its only needer cannot read becomes
+    shared, and a shared block is read by a needer that can read it, else by any rank that can.
+    Raises ValueError for a needed block that no rank can read."""
     holders: dict[int, list[int]] = {}
     for rank, blocks in enumerate(needs):
         for b in sorted(set(blocks)):
             holders.setdefault(b, []).append(rank)
+
+    def can_read(rank: int, b: int) -> bool:
+        return readable is None or rank in readable[b]
+
     load = [0] * len(needs)
+    shared = []
     for b, ranks in holders.items():
-        if len(ranks) == 1:
+        if len(ranks) == 1 and can_read(ranks[0], b):
             load[ranks[0]] += stored[b]
-    shared = [b for b, ranks in holders.items() if len(ranks) > 1]
+        else:
+            shared.append(b)
     readers: dict[int, int] = {}
     for b in sorted(shared, key=lambda b: (-stored[b], b)):
-        reader = min(holders[b], key=lambda r: (load[r], r))
+        candidates = [r for r in holders[b] if can_read(r, b)]
+        if not candidates and readable is not None:
+            candidates = sorted(r for r in readable[b] if 0 <= r < len(needs))
+        if not candidates:
+            raise ValueError(f"block {b} is needed by ranks {holders[b]} but no rank can read it")
+        reader = min(candidates, key=lambda r: (load[r], r))
         load[reader] += stored[b]
         readers[b] = reader
     rounds: list[tuple[int, ...]] = []

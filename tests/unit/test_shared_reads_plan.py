@@ -90,3 +90,32 @@ def test_replicated_load_is_balanced_within_one_block(world, stored):
     for b, r in plan.readers.items():
         load[r] += stored[b]
     assert max(load) - min(load) <= max(stored)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_needs(), st.data())
+def test_with_readable_sets_every_block_is_read_by_a_rank_that_can(case, data):
+    # The memory tier: each block can be read only by the ranks on a node that holds its file.
+    needs, stored, raw, round_bytes = case
+    world = len(needs)
+    readable = [frozenset(data.draw(st.sets(st.integers(0, world - 1), min_size=1))) for _ in stored]
+    plan = plan_shared_reads(needs, stored, raw, round_bytes, readable)
+    holders: dict[int, list[int]] = {}
+    for r, bs in enumerate(needs):
+        for b in bs:
+            holders.setdefault(b, []).append(r)
+    for b, rs in holders.items():
+        if b in plan.readers:
+            assert plan.readers[b] in readable[b]
+            # A needer reads it whenever one can; otherwise some rank that can reads it for them.
+            assert (plan.readers[b] in rs) == any(r in readable[b] for r in rs)
+            for dest in rs:
+                if dest != plan.readers[b]:
+                    assert any(b in plan.sent(rnd, plan.readers[b], dest) for rnd in plan.rounds)
+        else:  # private: its only needer reads it, and can
+            assert len(rs) == 1 and rs[0] in readable[b]
+
+
+def test_a_block_nobody_can_read_is_refused():
+    with pytest.raises(ValueError, match="block 0 is needed by ranks \\[1\\] but no rank can read it"):
+        plan_shared_reads([[], [0]], [10], [10], 100, [frozenset()])

@@ -1,0 +1,56 @@
+"""The memory tier's pure parts: the node map and partners, and the choice of the step to restore."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardckpt.errors import StateMismatchError
+from shardckpt.memtier.nodes import node_map
+from shardckpt.memtier.restore import choose_step
+from shardckpt.memtier.store import StepView
+
+
+def test_partners_are_the_same_local_rank_on_the_next_nodes():
+    nodes = node_map(["a", "a", "b", "b", "c", "c"])
+    assert nodes.nodes == ("a", "b", "c")
+    assert [nodes.partners(r, 1) for r in range(6)] == [[2], [3], [4], [5], [0], [1]]
+    assert nodes.partners(1, 2) == [3, 5]
+    with pytest.raises(StateMismatchError, match="3 copies on other nodes need at least 4 nodes"):
+        nodes.partners(0, 3)
+
+
+def test_uneven_nodes_wrap_the_local_index():
+    nodes = node_map(["a", "a", "a", "b"])  # node b has one rank: it keeps every copy of a's files
+    assert [nodes.partners(r, 1) for r in range(4)] == [[3], [3], [3], [0]]
+    assert nodes.lead(1) == 3 and nodes.ranks_on(0) == [0, 1, 2]
+
+
+def _view(step: int, save_id: str = "s", present: dict[str, int] | None = None) -> StepView:
+    declared = {"f0": 10, "f1": 20}
+    return StepView(step, save_id, declared, declared if present is None else present)
+
+
+def test_the_newest_step_every_node_holds_whole_is_chosen():
+    nodes = node_map(["a", "b"])
+    choice = choose_step(nodes, [{1: _view(1), 2: _view(2)}, {1: _view(1), 2: _view(2, present={"f1": 20})}])
+    assert choice.step == 2 and choice.holders == {"f0": [0], "f1": [0, 1]} and not choice.skipped
+    assert choice.file_readers(nodes) == {"f0": frozenset({0}), "f1": frozenset({0, 1})}
+
+
+@pytest.mark.parametrize(
+    ("second", "why"),
+    [
+        ({1: _view(1)}, "step 2: not on node(s) b"),
+        ({1: _view(1), 2: _view(2, save_id="other")}, "step 2: the nodes hold different saves of it (other, s)"),
+    ],
+)
+def test_a_step_missing_or_mixed_on_a_node_is_skipped(second, why):
+    choice = choose_step(node_map(["a", "b"]), [{1: _view(1), 2: _view(2)}, second])
+    assert choice.step == 1 and len(choice.skipped) == 1 and choice.skipped[0].startswith(why)
+
+
+def test_a_file_with_no_intact_copy_skips_the_step():
+    truncated = _view(2, present={"f0": 10, "f1": 19})
+    choice = choose_step(node_map(["a"]), [{1: _view(1), 2: truncated}])
+    assert choice.step == 1 and choice.skipped == ["step 2: no surviving node holds an intact copy of f1"]
+    assert choose_step(node_map(["a"]), [{}]).step is None
