@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ below impor
     from shardckpt.flatten import PerRank
     from shardckpt.interop.safetensors import ExportResult, export_safetensors
     from shardckpt.interop.safetensors_import import ImportResult, load_safetensors, read_safetensors
-    from shardckpt.manager import CheckpointManager
+    from shardckpt.manager import CheckpointManager, RestoreReport
+    from shardckpt.memtier import MemoryRestore, MemoryTier, memory_restore, memory_save
     from shardckpt.options import CompressionOptions
     from shardckpt.saving import SaveResult
     from shardckpt.storage.s3 import S3Options
@@ -67,6 +68,8 @@ __all__ = [
     "ImportResult",
     "IncompleteCheckpointError",
     "IndexFormatError",
+    "MemoryRestore",
+    "MemoryTier",
     "MissingKeysError",
     "ModelOptimizerState",
     "PerRank",
@@ -75,6 +78,7 @@ __all__ = [
     "ReplicaMismatchError",
     "S3Options",
     "ResumableSampler",
+    "RestoreReport",
     "SaveHandle",
     "SaveResult",
     "StateMismatchError",
@@ -87,6 +91,8 @@ __all__ = [
     "load",
     "load_all",
     "load_safetensors",
+    "memory_restore",
+    "memory_save",
     "read_index",
     "read_safetensors",
     "save",
@@ -119,6 +125,11 @@ _HOMES: dict[str, str] = {
     "load_safetensors": "shardckpt.interop.safetensors_import",
     "read_safetensors": "shardckpt.interop.safetensors_import",
     "CheckpointManager": "shardckpt.manager",
+    "RestoreReport": "shardckpt.manager",
+    "MemoryRestore": "shardckpt.memtier",
+    "MemoryTier": "shardckpt.memtier",
+    "memory_restore": "shardckpt.memtier",
+    "memory_save": "shardckpt.memtier",
     "CompressionOptions": "shardckpt.options",
     "SaveResult": "shardckpt.saving",
     "S3Options": "shardckpt.storage.s3",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from shardckpt.errors import (
     RankFailedError,
     StateMismatchError,
 )
+from shardckpt.memtier import MemoryTier, memory_restore, memory_save
 from shardckpt.options import Compression
 from shardckpt.pipeline.reader import check_files
 from shardckpt.saving import SaveResult
@@ -70,6 +72,10 @@ class CheckpointManager:
     One job saves into a root at a time: the first save takes the root's lock (on the coordinator)
     and a second manager or job saving there gets ``CheckpointInUseError``. ``close()`` gives it back.
 
+    With ``memory`` (a ``MemoryTier``), every ``memory.every`` steps are also saved into host
+    memory, copied to other nodes, and ``restore`` loads from there when the surviving nodes hold
+    a step at least as new as the newest durable one (``last_restore`` says which tier and why).
+
     Example::
 
         manager = CheckpointManager("ckpt", keep_last=3, save_interval=100)
@@ -91,6 +97,7 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None = None,
         compression: Compression = "auto",
         s3: S3Options | None = None,
+        memory: MemoryTier | None = None,
     ) -> None:
         for name, value in (("keep_last", keep_last), ("keep_every", keep_every), ("save_interval", save_interval)):
             if value is not None and value < 1:
@@ -110,6 +117,10 @@ class CheckpointManager:
         self.comm = Comm.for_group(process_group)
         self._pending: tuple[int, SaveHandle] | None = None
         self._lock = self._storage.lock("CheckpointManager") if self.comm.is_coordinator else None
+        # The memory tier in front of the root (memtier): saved every ``memory.every`` steps.
+        self.memory = memory
+        self._pending_memory: tuple[int, SaveHandle] | None = None
+        self.last_restore: RestoreReport | None = None  # what the last restore chose, and why
 
     def path_for(self, step: int) -> Path | str:
         """Where ``step`` is saved: a ``Path`` under a local root, a URL under an object-store root."""
@@ -132,7 +143,19 @@ class CheckpointManager:
         save that nobody saw through its handle or ``wait()`` is raised here, on every rank."""
         if step < 0:
             raise StateMismatchError(f"step must be >= 0, not {step}")
-        if not force and not self.should_save(step):
+        to_memory = self.memory is not None and step % self.memory.every == 0
+        durable = force or self.should_save(step)
+        if to_memory or (durable and self._pending_memory is not None):
+            # Saves of a group never overlap; a memory save's failure is seen here, not by the next save.
+            self._finish_memory_pending()
+        if to_memory:
+            assert self.memory is not None
+            handle = memory_save(state, step, self.memory, process_group=self.process_group, metadata={"step": step})
+            self._pending_memory = (step, handle)
+            if not durable:
+                return handle
+            self._finish_memory_pending()  # the durable save would wait for it anyway
+        if not durable:
             return None
         unseen = self._finish_pending()
 
@@ -189,6 +212,26 @@ class CheckpointManager:
                 return None, [step]
             return None, self._complete_steps()
 
+        self._finish_memory_pending()
+        why_durable = "no memory tier"
+        if self.memory is not None and step is None:
+            # From memory when it holds a step at least as new as the newest committed durable one:
+            # host memory on the surviving nodes instead of storage. Only the listing of the root
+            # is read for that (no index, no data file), so a memory restore reads nothing durable.
+            def newest() -> tuple[None, object]:
+                if unseen is not None:
+                    raise unseen
+                return None, self.latest_step() if self.comm.is_coordinator else None
+
+            _, listed = self.comm.run(f"restore from {self.root}: the newest durable step", newest)
+            latest = listed[0]
+            got = memory_restore(state, self.memory, process_group=self.process_group, strict=strict,
+                                 newer_than=int(latest) - 1 if isinstance(latest, int) else None)
+            if got.step is not None:
+                self._report(got.step, "memory", got.reason)
+                return got.step
+            why_durable = f"the memory tier has no usable step at least as new as the durable one: {got.reason}"
+            unseen = None  # raised above if there was one
         _, gathered = self.comm.run(f"restore from {self.root}", choose)
         candidates = [int(s) for s in gathered[0]]  # type: ignore[attr-defined]
         for i, chosen in enumerate(candidates):
@@ -202,14 +245,34 @@ class CheckpointManager:
                     log.warning("restore: step %d under %s failed to load (%s); trying step %d", chosen, self.root, e,
                                 candidates[i + 1])
                 continue
-            if self.comm.is_coordinator:
-                log.info("restored step %d from %s", chosen, self.root)
+            self._report(chosen, "durable", why_durable if step is None else f"step {step} was asked for")
             return chosen
+        self._report(None, None, why_durable)
         return None
+
+    def _report(self, step: int | None, tier: str | None, reason: str) -> None:
+        self.last_restore = RestoreReport(step, tier, reason)
+        if self.comm.is_coordinator:
+            if step is None:
+                log.info("restore: nothing to restore under %s (%s)", self.root, reason)
+            else:
+                log.info("restored step %d from the %s tier (%s): %s", step, tier, self.root, reason)
+
+    def _finish_memory_pending(self) -> None:
+        """Wait for the memory-tier save in flight. Its failure is logged, not raised: the step is
+        then missing from the memory tier, which restore handles, and training goes on."""
+        pending, self._pending_memory = self._pending_memory, None
+        if pending is None:
+            return
+        try:
+            pending[1].wait()
+        except CheckpointError as e:
+            log.warning("the memory-tier save of step %d failed: %s", pending[0], e)
 
     def close(self) -> None:
         """Wait for the save in flight, apply retention and give the root's lock back."""
         try:
+            self._finish_memory_pending()
             self.wait()
         finally:
             if self._lock is not None and self._lock.held:
@@ -253,6 +316,16 @@ class CheckpointManager:
             return False
         bad_bytes = isinstance(error, _DATA_ERRORS) or type(error) is RankFailedError
         return all(bool(v) for v in self.comm.all_gather(bad_bytes, f"restore from {self.root}: falling back"))
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What ``CheckpointManager.restore`` loaded: the step (None: nothing), the tier it came from
+    ("memory" or "durable") and why that one."""
+
+    step: int | None
+    tier: str | None
+    reason: str
 
 
 def _step_name(step: int) -> str:
