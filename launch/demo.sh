@@ -28,4 +28,4 @@ echo "== 3. re-sharded restart: the elastic run's checkpoint goes on at 3 ranks 
 run --nproc_per_node=3 launch/train.py --steps 40 --save-interval 5 --ckpt "$out/elastic" --final "$out/resharded.json"
 python3 -c "import shardckpt, sys; r = shardckpt.verify(sys.argv[1]); print(f'[verify] {r.path}: {r.blocks} blocks, {r.bytes_raw/1e6:.2f} MB raw, {r.bytes_stored/1e6:.2f} MB stored')" "$out/elastic/step-00000040"
 echo "== 4. node loss: two agents of 2 workers; one node dies mid-save, the job shrinks to 2 ranks, then grows back to 4"
-python3 launch/node_loss.py --out "$out/node_loss" 2> >(grep -vE "Warning|warn\(|^\s*$" >&2) | grep "^\[node-loss\]"
+python3 launch/node_loss.py --out "$out/node_loss" --memory-every 1 2> >(grep -vE "Warning|warn\(|^\s*$" >&2) | grep "^\[node-loss\]"

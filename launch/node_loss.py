@@ -4,7 +4,9 @@ launch/train.py with async checkpoints into one directory both reach.
     python3 launch/node_loss.py --out runs/node_loss [--steps 60]
 
 1. Both agents rendezvous (c10d backend, ``--nnodes=1:2``): 4 ranks train.
-2. Node loss: the second agent and its workers are SIGKILLed, while a save is in flight.
+2. Node loss: the second agent and its workers are SIGKILLed, while a save is in flight. With
+   ``--memory-every N`` the job also checkpoints into the memory tier (each agent is a node,
+   named by SHARDCKPT_NODE_ID), and the killed node's tier is wiped at the same moment.
 3. Shrink: the surviving agent re-rendezvouses at 2 ranks and resumes from the latest committed
    step, re-sharded 4 -> 2.
 4. Grow: a replacement agent joins; the group restarts at 4 ranks and re-shards 2 -> 4.
@@ -50,7 +52,8 @@ class Node:
     def __init__(self, name: str, out: Path, port: int, train_args: list[str]) -> None:
         self.name = name
         self.log = out / f"{name}.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        # The node's name for the memory tier: both "nodes" share this host and its /dev/shm.
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SHARDCKPT_NODE_ID=name)
         # torchrun's shared rendezvous store lets torch's own init_process_group read a dead
         # attempt's addresses after a restart (pytorch/pytorch#135712): a private store per round.
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -186,15 +189,17 @@ def await_restore(nodes: list[Node], world: int, t_event: float, timeout: float,
     found = wait_for(f"the {world}-rank restore", lambda: re.search(
         rf"attempt \d+: {world} ranks, resumed from step (\d+)", since()), timeout, nodes)
     step = int(found.group(1))  # type: ignore[union-attr]
+    tier = re.search(rf"attempt \d+: {world} ranks, resumed from step {step} \((\w+) tier", since())
     wait_for(f"the {world}-rank restore check and first step", lambda: "recovery marks" in since(), timeout, nodes)
     if f"restore check: step {step} bit-identical at {world} ranks" not in since():
         raise SystemExit(f"[node-loss] the {world}-rank restore was not checked")
-    return {"resumed_step": step, **recovery(since(), t_event)}
+    return {"resumed_step": step, "tier": tier.group(1) if tier else "durable", **recovery(since(), t_event)}
 
 
 def split(r: object) -> str:
     assert isinstance(r, dict)
-    return (f"recovery {r['total_s']:.1f} s = rendezvous {r['detect_and_rendezvous_s']:.1f} + init {r['init_s']:.2f} "
+    return (f"from the {r['tier']} tier, recovery {r['total_s']:.1f} s = "
+            f"rendezvous {r['detect_and_rendezvous_s']:.1f} + init {r['init_s']:.2f} "
             f"+ load {r['load_s']:.2f} + first step {r['first_step_s']:.2f}")
 
 
@@ -205,6 +210,8 @@ def main() -> None:
     ap.add_argument("--save-interval", type=int, default=5)
     ap.add_argument("--step-sleep", type=float, default=0.15)
     ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--memory-every", type=int, default=None,
+                    help="also checkpoint into the memory tier every N steps; a killed node's tier is wiped with it")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -215,6 +222,9 @@ def main() -> None:
     train = ["--ckpt", str(ckpt), "--steps", str(args.steps), "--save-interval", str(args.save_interval),
              "--keep-last", "3", "--digests", str(out / "digests"), "--timeline", str(line_file),
              "--step-sleep", str(args.step_sleep)]
+    memory_root = Path(f"/dev/shm/shardckpt-node-loss-{os.getpid()}")
+    if args.memory_every:
+        train += ["--memory-every", str(args.memory_every), "--memory-root", str(memory_root), "--memory-job", "job"]
     node0 = Node("node0", out, port, train)
     time.sleep(1.0)  # node0 hosts the rendezvous store
     node1 = Node("node1", out, port, train)
@@ -232,7 +242,10 @@ def main() -> None:
             summary["killed_mid_save"] = False
         node1.kill()
         t_loss = time.time()
+        # The node's host memory goes with it: its memory tier is gone at the moment of the loss.
+        shutil.rmtree(memory_root / "job" / node1.name, ignore_errors=True)
         before = shardckpt.committed_steps(ckpt)
+        summary["durable_at_loss"] = before
         print(f"[node-loss] node1 SIGKILLed (agent and both workers); committed steps {before}", flush=True)
         nodes = [node0]
         # 3. Shrink: node0 alone, 2 ranks, resumed and checked.
@@ -272,6 +285,7 @@ def main() -> None:
     finally:
         for n in started:
             n.stop()
+        shutil.rmtree(memory_root, ignore_errors=True)
 
 
 if __name__ == "__main__":

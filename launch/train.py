@@ -113,6 +113,10 @@ def main() -> None:
     ap.add_argument("--digests", default=None, help="directory for per-step state digests (checked at restore)")
     ap.add_argument("--timeline", default=None, help="file to append one line per step to (rank 0)")
     ap.add_argument("--step-sleep", type=float, default=0.0)
+    ap.add_argument("--memory-every", type=int, default=None,
+                    help="also save into the memory tier every N steps (copied to another node)")
+    ap.add_argument("--memory-root", default="/dev/shm/shardckpt", help="the memory tier's root (per host)")
+    ap.add_argument("--memory-job", default="train", help="the memory tier's job name under its root")
     args = ap.parse_args()
     t_start = time.time()
 
@@ -143,12 +147,18 @@ def main() -> None:
         "rng": shardckpt.RNGState(seed=args.seed + 1),
         "step": 0,
     }
-    manager = shardckpt.CheckpointManager(args.ckpt, keep_last=args.keep_last, save_interval=args.save_interval)
+    memory = None
+    if args.memory_every:
+        memory = shardckpt.MemoryTier(every=args.memory_every, keep_last=2, root=args.memory_root, job=args.memory_job)
+    manager = shardckpt.CheckpointManager(args.ckpt, keep_last=args.keep_last, save_interval=args.save_interval,
+                                          memory=memory)
     resumed = manager.restore(state)
     t_restored = time.time()
     start = resumed or 0
     if rank == 0:
-        how = f"resumed from step {resumed}" if resumed is not None else "fresh start"
+        report = manager.last_restore
+        tier = f" ({report.tier} tier: {report.reason})" if report is not None and report.tier else ""
+        how = f"resumed from step {resumed}{tier}" if resumed is not None else "fresh start"
         print(f"[train] attempt {attempt}: {world} ranks, {how}", flush=True)
     if resumed is not None and args.digests:
         saved = json.loads(open(os.path.join(args.digests, f"step-{resumed}.json")).read())
@@ -177,7 +187,8 @@ def main() -> None:
         if args.crash_at == step and rank == args.crash_rank and attempt == 0:
             print(f"[train] rank {rank}: SIGKILL at step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        if args.digests and (manager.should_save(step) or step == args.steps):
+        to_memory = memory is not None and step % memory.every == 0
+        if args.digests and (manager.should_save(step) or to_memory or step == args.steps):
             # Before the save: once a save can commit, the digest of what it holds exists.
             sums = state_digest(model, opt)
             if rank == 0:

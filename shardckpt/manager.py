@@ -150,11 +150,18 @@ class CheckpointManager:
             self._finish_memory_pending()
         if to_memory:
             assert self.memory is not None
-            handle = memory_save(state, step, self.memory, process_group=self.process_group, metadata={"step": step})
-            self._pending_memory = (step, handle)
-            if not durable:
-                return handle
-            self._finish_memory_pending()  # the durable save would wait for it anyway
+            try:
+                handle = memory_save(state, step, self.memory, process_group=self.process_group,
+                                     metadata={"step": step})
+            except CheckpointError as e:
+                # Raised alike on every rank (too few nodes for the copies, after a shrink to one
+                # node): the step is not in memory, the durable policy still applies.
+                log.warning("the memory-tier save of step %d was refused: %s", step, e)
+            else:
+                self._pending_memory = (step, handle)
+                if not durable:
+                    return handle
+                self._finish_memory_pending()  # the durable save would wait for it anyway
         if not durable:
             return None
         unseen = self._finish_pending()

@@ -6,7 +6,9 @@ against the index's checksum.
 The choice is a pure function of what each surviving node reports (one gather), so every rank
 makes the same one. A step is skipped, with the reason, when a surviving node lacks its index, when
 the nodes' indexes differ (a stale tier from another save), or when some file has no intact copy
-(right size) on any surviving node. A rank never opens a file outside its own node's tier.
+(right size) on any surviving node. A node whose tier is empty (a replacement that just joined)
+holds nothing to disagree with: it takes part in the load, reading nothing itself. A rank never
+opens a file outside its own node's tier.
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ def choose_step(nodes: NodeMap, views: list[dict[int, StepView]]) -> Choice:
     node holds with the same index and whose every file has an intact copy somewhere."""
     skipped: list[str] = []
     for step in sorted({s for held in views for s in held}, reverse=True):
-        missing = [nodes.nodes[n] for n, held in enumerate(views) if step not in held]
+        missing = [nodes.nodes[n] for n, held in enumerate(views) if held and step not in held]
         if missing:
             skipped.append(f"step {step}: not on node(s) {', '.join(missing)} (its save did not finish there)")
             continue
-        have = [held[step] for held in views]
-        ids = sorted({v.save_id for v in have})
-        if len(ids) > 1 or len({tuple(sorted(v.declared.items())) for v in have}) > 1:
+        have = {n: held[step] for n, held in enumerate(views) if held}
+        ids = sorted({v.save_id for v in have.values()})
+        if len(ids) > 1 or len({tuple(sorted(v.declared.items())) for v in have.values()}) > 1:
             skipped.append(f"step {step}: the nodes hold different saves of it ({', '.join(ids)}); a stale tier")
             continue
-        declared = have[0].declared
-        holders = {f: [n for n, v in enumerate(have) if v.present.get(f) == size] for f, size in declared.items()}
+        declared = next(iter(have.values())).declared
+        holders = {f: [n for n, v in have.items() if v.present.get(f) == size] for f, size in declared.items()}
         lost = sorted(f for f, held in holders.items() if not held)
         if lost:
             skipped.append(

@@ -54,3 +54,12 @@ def test_a_file_with_no_intact_copy_skips_the_step():
     choice = choose_step(node_map(["a"]), [{1: _view(1), 2: truncated}])
     assert choice.step == 1 and choice.skipped == ["step 2: no surviving node holds an intact copy of f1"]
     assert choose_step(node_map(["a"]), [{}]).step is None
+
+
+def test_a_replacement_node_with_an_empty_tier_does_not_block_the_step():
+    nodes = node_map(["a", "new"])
+    choice = choose_step(nodes, [{1: _view(1), 2: _view(2)}, {}])
+    assert choice.step == 2 and choice.holders == {"f0": [0], "f1": [0]}
+    assert choice.file_readers(nodes) == {"f0": frozenset({0}), "f1": frozenset({0})}
+    # A node that holds other steps but not this one does block it.
+    assert choose_step(nodes, [{1: _view(1), 2: _view(2)}, {1: _view(1)}]).step == 1
