@@ -39,6 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH, DATA = 8, 4096  # train.py's defaults: sequences per rank per step, corpus size
 
 
+def evict(path: Path) -> None:
+    """Drop the files under ``path`` from the page cache (they are clean: every save fsyncs)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue  # a file a save in flight is replacing
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,13 +179,13 @@ def check_data_order(steps: dict[int, tuple[int, int, int, int]], last: int) -> 
 
 def recovery(text: str, t_loss: float) -> dict[str, float]:
     """The recovery split of the first restore logged in ``text``."""
-    m = re.search(r"recovery marks: process start ([\d.]+), group up ([\d.]+), restored ([\d.]+), "
+    m = re.search(r"recovery marks: process start ([\d.]+), group up ([\d.]+), built ([\d.]+), restored ([\d.]+), "
                   r"first step done ([\d.]+)", text)
     if not m:
         raise SystemExit("[node-loss] no recovery marks in the surviving node's log")
-    start, up, restored, first = map(float, m.groups())
-    return {"detect_and_rendezvous_s": start - t_loss, "init_s": up - start, "load_s": restored - up,
-            "first_step_s": first - restored, "total_s": first - t_loss}
+    start, up, built, restored, first = map(float, m.groups())
+    return {"detect_and_rendezvous_s": start - t_loss, "init_s": up - start, "build_s": built - up,
+            "load_s": restored - built, "first_step_s": first - restored, "total_s": first - t_loss}
 
 
 def await_restore(nodes: list[Node], world: int, t_event: float, timeout: float,
@@ -199,7 +211,7 @@ def await_restore(nodes: list[Node], world: int, t_event: float, timeout: float,
 def split(r: object) -> str:
     assert isinstance(r, dict)
     return (f"from the {r['tier']} tier, recovery {r['total_s']:.1f} s = "
-            f"rendezvous {r['detect_and_rendezvous_s']:.1f} + init {r['init_s']:.2f} "
+            f"rendezvous {r['detect_and_rendezvous_s']:.1f} + init {r['init_s']:.2f} + build {r['build_s']:.2f} "
             f"+ load {r['load_s']:.2f} + first step {r['first_step_s']:.2f}")
 
 
@@ -212,6 +224,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--memory-every", type=int, default=None,
                     help="also checkpoint into the memory tier every N steps; a killed node's tier is wiped with it")
+    ap.add_argument("--dim", type=int, default=None, help="train.py's model width (default: the demo's)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="train.py's sequences per rank per step")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the durable checkpoints from the page cache at the node loss (a real node's restart)")
+    ap.add_argument("--shrink-only", action="store_true", help="stop after the first step of the 2-rank restore")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
@@ -222,6 +240,9 @@ def main() -> None:
     train = ["--ckpt", str(ckpt), "--steps", str(args.steps), "--save-interval", str(args.save_interval),
              "--keep-last", "3", "--digests", str(out / "digests"), "--timeline", str(line_file),
              "--step-sleep", str(args.step_sleep)]
+    for flag in ("dim", "layers", "batch"):
+        if getattr(args, flag) is not None:
+            train += [f"--{flag}", str(getattr(args, flag))]
     memory_root = Path(f"/dev/shm/shardckpt-node-loss-{os.getpid()}")
     if args.memory_every:
         train += ["--memory-every", str(args.memory_every), "--memory-root", str(memory_root), "--memory-job", "job"]
@@ -244,6 +265,8 @@ def main() -> None:
         t_loss = time.time()
         # The node's host memory goes with it: its memory tier is gone at the moment of the loss.
         shutil.rmtree(memory_root / "job" / node1.name, ignore_errors=True)
+        if args.cold:
+            evict(ckpt)
         before = shardckpt.committed_steps(ckpt)
         summary["durable_at_loss"] = before
         print(f"[node-loss] node1 SIGKILLed (agent and both workers); committed steps {before}", flush=True)
@@ -253,6 +276,9 @@ def main() -> None:
         resumed2 = int(summary["shrink"]["resumed_step"])
         print(f"[node-loss] shrink: 2 ranks resumed from step {resumed2} (4 -> 2), bit-identical; "
               f"{split(summary['shrink'])}", flush=True)
+        if args.shrink_only:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            return
         # 4. Grow: once the 2-rank job has committed a step of its own, a replacement node joins.
         wait_for("a step committed at 2 ranks", lambda: max(shardckpt.committed_steps(ckpt), default=0) > resumed2,
                  args.timeout, nodes)

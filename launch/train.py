@@ -117,7 +117,11 @@ def main() -> None:
                     help="also save into the memory tier every N steps (copied to another node)")
     ap.add_argument("--memory-root", default="/dev/shm/shardckpt", help="the memory tier's root (per host)")
     ap.add_argument("--memory-job", default="train", help="the memory tier's job name under its root")
+    ap.add_argument("--dim", type=int, default=None, help="model width (the recovery benchmark scales it up)")
+    ap.add_argument("--layers", type=int, default=None)
     args = ap.parse_args()
+    global DIM, LAYERS
+    DIM, LAYERS = args.dim or DIM, args.layers or LAYERS
     t_start = time.time()
 
     cuda = torch.cuda.is_available()
@@ -152,6 +156,7 @@ def main() -> None:
         memory = shardckpt.MemoryTier(every=args.memory_every, keep_last=2, root=args.memory_root, job=args.memory_job)
     manager = shardckpt.CheckpointManager(args.ckpt, keep_last=args.keep_last, save_interval=args.save_interval,
                                           memory=memory)
+    t_built = time.time()  # the model, optimizer and data are built: the restore starts
     resumed = manager.restore(state)
     t_restored = time.time()
     start = resumed or 0
@@ -171,7 +176,7 @@ def main() -> None:
                   f"({sum(k.startswith('param/') for k in now)} parameters, "
                   f"{sum(k.startswith('optim/') for k in now)} optimizer tensors)", flush=True)
 
-    stalls, t_loop, loss = [], time.perf_counter(), float("nan")
+    stalls, memory_stalls, t_loop, loss = [], [], time.perf_counter(), float("nan")
     for step in range(start + 1, args.steps + 1):
         if args.timeline and rank == 0:
             with open(args.timeline, "a") as f:
@@ -196,14 +201,16 @@ def main() -> None:
                     json.dump(sums, f)
         handle = manager.save(step, state, force=step == args.steps)
         if handle is not None:
-            stalls.append(handle.stall_seconds)
+            durable = manager.should_save(step) or step == args.steps
+            (stalls if durable else memory_stalls).append(handle.stall_seconds)
         loss = float(loss_t.detach())
         if step == start + 1 and rank == 0 and resumed is not None:
             # Wall-clock marks (time.time(), comparable across processes) for the recovery split.
-            print(f"[train] recovery marks: process start {t_start:.3f}, group up {t_init:.3f}, "
+            print(f"[train] recovery marks: process start {t_start:.3f}, group up {t_init:.3f}, built {t_built:.3f}, "
                   f"restored {t_restored:.3f}, first step done {time.time():.3f}", flush=True)
         if args.step_sleep:
             time.sleep(args.step_sleep)
+    loop_s = time.perf_counter() - t_loop  # the training loop, saves' stalls included
     result = manager.wait()
     manager.close()
     elapsed = time.perf_counter() - t_loop
@@ -212,6 +219,10 @@ def main() -> None:
     if rank == 0:
         steps_run = args.steps - start
         stall = f"{1e3 * sum(stalls) / len(stalls):.1f} ms mean stall over {len(stalls)} saves" if stalls else "no saves"
+        if memory_stalls:
+            stall += (f", {1e3 * sum(memory_stalls) / len(memory_stalls):.1f} ms over {len(memory_stalls)} "
+                      "memory-tier saves")
+        stall += f", {steps_run / loop_s:.3f} steps/s in the loop" if loop_s > 0 else ""
         tput = f", last save {result.rank_bytes_raw / 1e6:.2f} MB/rank at {result.throughput_mb_s:.0f} MB/s" if result else ""
         print(f"[train] steps {start + 1}..{args.steps} ({steps_run} steps, {elapsed:.1f}s), loss {loss:.3f}; "
               f"{stall}{tput}; committed steps {manager.steps()}", flush=True)
