@@ -35,12 +35,12 @@ def test_node_loss_with_a_memory_tier_restores_the_survivors_from_memory(tmp_pat
     # dead node's files), 4 -> 2, bit for bit. After the shrink the job runs on one node, where no
     # copy can go to another node: memory saves are refused and the grow restores from durable.
     cmd = [sys.executable, str(ROOT / "launch" / "node_loss.py"), "--out", str(tmp_path / "run"),
-           "--steps", "40", "--step-sleep", "0.1", "--memory-every", "1"]
+           "--steps", "30", "--step-sleep", "0.1", "--memory-every", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["shrink"]["tier"] == "memory" and summary["grow"]["tier"] == "durable"
     # Memory holds every step: at least as new as the newest durable one at the loss.
     assert summary["shrink"]["resumed_step"] >= max(summary["durable_at_loss"])
-    assert summary["committed_steps"][-1] == 40 and summary["data_order"] == "continuous"
+    assert summary["committed_steps"][-1] == 30 and summary["data_order"] == "continuous"
     assert "from the memory tier" in proc.stdout
