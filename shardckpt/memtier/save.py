@@ -136,8 +136,9 @@ def _commit(
         except (OSError, CheckpointError) as e:  # retention must never fail a committed save
             log.warning("memory tier retention on node %s failed: %s", tier.store.node, e)
         else:
-            if removed:
-                log.info("memory tier on node %s dropped steps %s", tier.store.node, removed)
+            log.info("memory tier on node %s: step %d committed; holds %.1f MB in steps %s%s", tier.store.node,
+                     tier.step, tier.store.held_bytes() / 1e6, tier.store.steps(),
+                     f" (dropped {removed})" if removed else "")
     mine = cast("list[list[int]]", own["blocks"])
     totals = cast("list[int] | None", decided.get("totals"))
     raw, stored = totals if totals is not None else (0, 0)
