@@ -84,9 +84,13 @@ def _decode(entry: TensorEntry, read: BlockRead, payload: bytes | np.ndarray, ou
 
 def read_block(storage: Storage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
     """One verified, decoded block as a tensor of its box's shape."""
-    payload = _fetch(storage, index, entry, read, where)
     out = np.empty(read.block.raw_length, dtype=np.uint8)
-    _decode(entry, read, payload, out, where)
+    # A raw block is read straight into its buffer: reading it into bytes and then "decoding"
+    # (copying) those would cost a second pass over every block a re-sharded load only partly
+    # needs. The checksum is still over the whole stored block, verified in _fetch.
+    payload = _fetch(storage, index, entry, read, where, into=out)
+    if payload is not out:
+        _decode(entry, read, payload, out, where)
     return torch.from_numpy(out).view(entry.torch_dtype).reshape(read.block.sizes)
 
 
