@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 
-from node_loss import Node, free_port  # noqa: E402
+from node_loss import Node, free_port, wait_listening  # noqa: E402
 
 
 def recovery(args: argparse.Namespace, memory: bool) -> dict[str, object]:
@@ -56,7 +56,7 @@ def throughput(args: argparse.Namespace, memory: bool) -> dict[str, object]:
         train += ["--memory-every", str(args.memory_every), "--memory-root", str(memory_root), "--memory-job", "job"]
     port = free_port()
     nodes = [Node("node0", out, port, train)]
-    time.sleep(1.0)
+    wait_listening(port, nodes[0])
     nodes.append(Node("node1", out, port, train))
     try:
         for n in nodes:

@@ -51,6 +51,20 @@ def evict(path: Path) -> None:
             os.close(fd)
 
 
+def wait_listening(port: int, node: Node, timeout: float = 120.0) -> None:
+    """Wait until ``node``'s agent accepts connections on ``port`` (its rendezvous store is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.proc.poll() is not None:
+            raise SystemExit(f"[node-loss] {node.name} exited with {node.proc.returncode}; see {node.log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"[node-loss] {node.name}'s rendezvous store did not come up on port {port}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,7 +261,9 @@ def main() -> None:
     if args.memory_every:
         train += ["--memory-every", str(args.memory_every), "--memory-root", str(memory_root), "--memory-job", "job"]
     node0 = Node("node0", out, port, train)
-    time.sleep(1.0)  # node0 hosts the rendezvous store
+    # node0 must host the rendezvous store: the agent that binds the port first hosts it, and if
+    # node1 did (node0 slow to start on a busy machine), killing node1 would take the store along.
+    wait_listening(port, node0)
     node1 = Node("node1", out, port, train)
     nodes = started = [node0, node1]
     summary: dict[str, object] = {}
