@@ -7,10 +7,18 @@ from pathlib import Path
 COPY = "floor: copy to warm memory"
 RAW = "floor: raw disk (write+fsync, cold read)"
 DCP_SAVE, DCP_ASYNC = "dcp save", "dcp async_save"
+PROBE = "probe: 64 MiB tensor, kept"  # bench.py's known allocation, to check the memory columns
+PROBE_MB = 64 * (1 << 20) / 1e6
 
 
 def _f(x: float | None, fmt: str = "{:.3f}") -> str:
     return "–" if x is None else fmt.format(x)
+
+
+def _pair(m: dict[str, float], key: str) -> str:
+    """The save's and the load's figure of one row ("–" for the one it lacks)."""
+    save, load = m.get(key), m.get(f"load_{key}")
+    return f"{_f(save, '{:.0f}')} / {_f(load, '{:.0f}')}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -30,13 +38,33 @@ def markdown(report: dict) -> str:
         f"Shard(0)); re-sharded load on {cfg['reshard_to']} ranks; median of {cfg['repeats']} repeats (after "
         f"{cfg.get('warmup', 0)} warm-up round) of the slowest rank; loads read cold (pages evicted).",
         "",
-        "| system | stall s | save s | load s | re-shard load s | disk MB | peak RSS MB/rank |",
-        "|---|---|---|---|---|---|---|",
+        "| system | stall s | save s | load s | re-shard load s | disk MB | peak RSS rise MB/rank (save / load) "
+        "| held MB/rank (save / load) | staging pool MB/rank |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in med.items():
         lines.append(
             f"| {name} | {_f(m.get('stall'))} | {_f(m.get('save'))} | {_f(m.get('load'))} | "
-            f"{_f(m.get('reshard_load'))} | {_f(m.get('disk_mb'), '{:.1f}')} | {_f(m.get('peak_rss_mb'), '{:.0f}')} |"
+            f"{_f(m.get('reshard_load'))} | {_f(m.get('disk_mb'), '{:.1f}')} | "
+            f"{_pair(m, 'peak_rss_mb')} | {_pair(m, 'held_rss_mb')} | {_f(m.get('pool_mb'), '{:.0f}')} |"
+        )
+    lines += [
+        "",
+        "Memory, per rank, the slowest rank's: *peak RSS rise* is the peak RSS during the operation over the RSS "
+        "just before it; *held* is the RSS that the system's own operations (shardckpt, dcp, torch.save) "
+        "added and did not give back since its first one in the process (measured after garbage collection "
+        "and malloc_trim, so freed heap does not count), so memory kept across operations, such as "
+        "shardckpt's staging pools allocated in the warm-up round, shows in every later row, and memory "
+        "another system keeps does not; *staging pool* is what shardckpt's pools hold (async savers' "
+        "snapshot buffers and the blocking save's device ring).",
+    ]
+    probe = med.get(PROBE)
+    if probe is not None:
+        ok = all(abs(probe.get(k, 0) - PROBE_MB) <= 0.1 * PROBE_MB for k in ("peak_rss_mb", "held_rss_mb"))
+        lines.append(
+            f"Check: the probe row allocates and keeps a {PROBE_MB:.0f} MB tensor; it reads "
+            f"{_f(probe.get('peak_rss_mb'), '{:.0f}')} MB rise, {_f(probe.get('held_rss_mb'), '{:.0f}')} MB held "
+            f"({'the memory columns are sound' if ok else 'OFF: the memory columns are not to be trusted'})."
         )
     copy = med.get(COPY, {}).get("stall")
     raw_save, raw_load = med.get(RAW, {}).get("save"), med.get(RAW, {}).get("load")
@@ -50,7 +78,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in med.items():
-        if name.startswith("floor") or name.startswith("dcp"):
+        if name.startswith(("floor", "dcp", "probe")):
             continue
         lines.append(
             f"| {name} | {_ratio(m.get('stall'), dcp_async.get('stall'))} | {_ratio(m.get('stall'), copy)} | "
