@@ -32,6 +32,7 @@ from shardckpt.saving import (
     Committed,
     PreparedSave,
     SaveResult,
+    free_ring,
     prepare_save,
     replica_hashes,
     result_of,
@@ -437,7 +438,8 @@ def _close_quietly(saver: AsyncSaver) -> None:
 
 def shutdown(process_group: dist.ProcessGroup | None = None) -> None:
     """Wait for in-flight async saves and free their threads and staging memory (all groups when
-    ``process_group`` is None). Call before destroying the process group."""
+    ``process_group`` is None), and the blocking save's staging ring. Call before destroying the
+    process group."""
     with _LOCK:
         if process_group is None:
             savers = list(_SAVERS.values())
@@ -447,3 +449,4 @@ def shutdown(process_group: dist.ProcessGroup | None = None) -> None:
             savers = [saver] if saver is not None else []
     for saver in savers:
         saver.close()
+    free_ring()

@@ -285,6 +285,13 @@ def save_streaming(prep: PreparedSave, comm: Comm, pool: ThreadPoolExecutor) -> 
             _RING.reclaim()  # the writers are done (write_blocks waits for them)
 
 
+def free_ring() -> None:
+    """Give the blocking save's ring back to the system (after any save streaming through it)."""
+    with _RING_LOCK:
+        _RING.reclaim()
+        _RING.drop_free()
+
+
 @dataclass(frozen=True)
 class Committed:
     bytes_raw: int

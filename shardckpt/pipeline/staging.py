@@ -85,6 +85,12 @@ class StagingPool:
                 self._free_bytes -= n
                 need -= n
 
+    def drop_free(self) -> None:
+        """Return every free buffer to the system; the pool stays usable and allocates anew."""
+        with self._cond:
+            self._free.clear()
+            self._free_bytes = 0
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

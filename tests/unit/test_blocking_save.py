@@ -62,3 +62,15 @@ def test_a_save_that_fails_mid_stream_leaves_the_ring_usable(tmp_path, ring):
     shardckpt.load(target, tmp_path / "c")
     assert all(torch.equal(target[k], state[k]) for k in state)
     assert ring.held_bytes <= 4 << 20
+
+
+def test_shutdown_gives_the_ring_back_and_the_next_save_still_works(tmp_path, ring):
+    state = _strided_state()
+    shardckpt.save(state, tmp_path / "a", compression="none")
+    assert ring.held_bytes > 0  # kept across saves: pinned memory is slow to allocate
+    shardckpt.shutdown()
+    assert ring.held_bytes == 0
+    shardckpt.save(state, tmp_path / "b", compression="none")
+    target = {k: torch.empty(v.shape) for k, v in state.items()}
+    shardckpt.load(target, tmp_path / "b")
+    assert all(torch.equal(target[k], state[k]) for k in state)
