@@ -254,6 +254,11 @@ def main() -> None:
     train = ["--ckpt", str(ckpt), "--steps", str(args.steps), "--save-interval", str(args.save_interval),
              "--keep-last", "3", "--digests", str(out / "digests"), "--timeline", str(line_file),
              "--step-sleep", str(args.step_sleep)]
+    # The 2-rank job waits before its last step until the replacement node has joined: else, on a
+    # busy machine, it can finish before node2 is up and the grow meets a job with nothing to run.
+    hold = out / "hold"
+    hold.touch()
+    train += ["--hold", str(hold)]
     for flag in ("dim", "layers", "batch"):
         if getattr(args, flag) is not None:
             train += [f"--{flag}", str(getattr(args, flag))]
@@ -307,6 +312,7 @@ def main() -> None:
         print(f"[node-loss] grow: 4 ranks resumed from step {summary['grow']['resumed_step']} (2 -> 4), "
               f"bit-identical; {split(summary['grow'])}", flush=True)
         # 5. The job finishes at 4 ranks.
+        hold.unlink()
         for n in nodes:
             try:
                 n.proc.wait(timeout=args.timeout)
@@ -325,6 +331,7 @@ def main() -> None:
         print(f"[node-loss] done: data order continuous over {args.steps} steps (no sample skipped or repeated); "
               f"committed steps {steps} all verify", flush=True)
     finally:
+        hold.unlink(missing_ok=True)
         for n in started:
             n.stop()
         shutil.rmtree(memory_root, ignore_errors=True)

@@ -117,6 +117,9 @@ def main() -> None:
                     help="also save into the memory tier every N steps (copied to another node)")
     ap.add_argument("--memory-root", default="/dev/shm/shardckpt", help="the memory tier's root (per host)")
     ap.add_argument("--memory-job", default="train", help="the memory tier's job name under its root")
+    ap.add_argument("--hold", default=None,
+                    help="scenario pacing: before the last step, wait while this file exists (so a replacement "
+                         "node joins a job that still has steps to run)")
     ap.add_argument("--dim", type=int, default=None, help="model width (the recovery benchmark scales it up)")
     ap.add_argument("--layers", type=int, default=None)
     args = ap.parse_args()
@@ -176,11 +179,18 @@ def main() -> None:
                   f"({sum(k.startswith('param/') for k in now)} parameters, "
                   f"{sum(k.startswith('optim/') for k in now)} optimizer tensors)", flush=True)
 
+    if resumed is not None and resumed >= args.steps and rank == 0:
+        # Restored at the last step (a node joined as the job finished): nothing is left to run,
+        # and the restore itself is the whole recovery.
+        print(f"[train] recovery marks: process start {t_start:.3f}, group up {t_init:.3f}, built {t_built:.3f}, "
+              f"restored {t_restored:.3f}, first step done {t_restored:.3f} (no step left to run)", flush=True)
     stalls, memory_stalls, t_loop, loss = [], [], time.perf_counter(), float("nan")
     for step in range(start + 1, args.steps + 1):
         if args.timeline and rank == 0:
             with open(args.timeline, "a") as f:
                 f.write(f"{attempt} {world} {step} {sampler.epoch} {sampler.position}\n")
+        while args.hold and step == args.steps and os.path.exists(args.hold):
+            time.sleep(0.05)
         batch = data[sampler.next_indices(args.batch)].to(device)
         logits = model(batch[:, :-1])
         loss_t = F.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
@@ -216,8 +226,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t_loop
     final = digest(model)
     shardckpt.shutdown()
+    steps_run = max(0, args.steps - start)
     if rank == 0:
-        steps_run = args.steps - start
         stall = f"{1e3 * sum(stalls) / len(stalls):.1f} ms mean stall over {len(stalls)} saves" if stalls else "no saves"
         if memory_stalls:
             stall += (f", {1e3 * sum(memory_stalls) / len(memory_stalls):.1f} ms over {len(memory_stalls)} "
