@@ -23,7 +23,7 @@ from shardckpt.format.schema import DATA_DIR, CheckpointIndex, PathPart, TensorE
 from shardckpt.format.values import decode_value
 from shardckpt.loading import LoadWalk
 from shardckpt.options import Compression, compression_options, io_threads
-from shardckpt.pipeline.reader import ReadRequest, check_files, execute_reads, read_block, run_bounded
+from shardckpt.pipeline.reader import ReadRequest, check_files, execute_reads, read_checked_block, run_bounded
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead, plan_reads
 from shardckpt.saving import SaveResult, prepare_save, result_of, save_streaming
@@ -223,7 +223,7 @@ def verify(
         # flight, not the checkpoint.
         threads = io_threads()
         with ThreadPoolExecutor(threads, thread_name_prefix="shardckpt-verify") as pool:
-            checks = (partial(_then, partial(read_block, storage, index, entry, r, where), on_block, r.block.length)
+            checks = (partial(_then, partial(read_checked_block, storage, index, entry, r, where), on_block, r.block.length)
                       for entry, r in jobs)
             run_bounded(pool, checks, 2 * threads, where)
     finally:

@@ -61,9 +61,9 @@ def build_index(
     file_of_rank = {f.rank: i for i, f in enumerate(files)}
     blocks: dict[tuple[str, int | None], list[BlockEntry]] = {}
     for rank, res in enumerate(results):
-        for key, entry_rank, offsets, sizes, offset, length, raw, codec, digest in res["blocks"]:  # type: ignore[attr-defined]
+        for key, entry_rank, offsets, sizes, offset, length, raw, codec, digest, chunks in res["blocks"]:  # type: ignore[attr-defined]
             blocks.setdefault((key, entry_rank), []).append(
-                BlockEntry(tuple(offsets), tuple(sizes), file_of_rank[rank], offset, length, raw, codec, digest)
+                BlockEntry(tuple(offsets), tuple(sizes), file_of_rank[rank], offset, length, raw, codec, digest, chunks)
             )
     tensors = []
     for spec in plan.tensors:

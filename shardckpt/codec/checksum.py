@@ -13,3 +13,9 @@ if TYPE_CHECKING:
 
 def checksum(data: Buffer) -> str:
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def chunk_checksums(data: Buffer, chunk: int) -> str:
+    """The checksums of ``data``'s ``chunk``-byte pieces (the last one may be shorter), concatenated."""
+    view = memoryview(data).cast("B")
+    return "".join(xxhash.xxh3_64_hexdigest(view[i : i + chunk]) for i in range(0, len(view), chunk))

@@ -21,6 +21,7 @@ from typing import TypeVar
 from shardckpt.codec.limits import max_raw_for_stored
 from shardckpt.errors import IncompleteCheckpointError, IndexFormatError
 from shardckpt.format.schema import (
+    CHECKSUM_HEX,
     CODECS,
     DATA_DIR,
     DATA_HEADER_BYTES,
@@ -28,6 +29,7 @@ from shardckpt.format.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MAX_PATH_PARTS,
+    RAW_CHUNK_BYTES,
     BlockEntry,
     CheckpointIndex,
     FileEntry,
@@ -48,6 +50,7 @@ MAX_BLOCK_RAW = 1 << 31
 # fullmatch everywhere: "$" would also accept a trailing newline.
 _FILE_NAME = re.compile(rf"{DATA_DIR}/[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,199}}")
 _CHECKSUM = re.compile(r"[0-9a-f]{16}")
+_HEX = re.compile(r"[0-9a-f]+")
 _SAVE_ID = re.compile(r"[0-9a-f]{8,48}")  # the data file header holds 48 bytes
 
 T = TypeVar("T")
@@ -78,6 +81,7 @@ def _encode_tensor(t: TensorEntry) -> dict[str, object]:
         "shape": list(t.shape),
         "blocks": [
             [list(b.offsets), list(b.sizes), b.file, b.offset, b.length, b.raw_length, b.codec, b.checksum]
+            + ([b.chunks] if b.chunks else [])
             for b in t.blocks
         ],
     }
@@ -230,8 +234,8 @@ def _decode_block(
     obj: object, j: int, shape: tuple[int, ...], itemsize: int, files: tuple[FileEntry, ...], at: str
 ) -> BlockEntry:
     b = _typed(obj, list, at, f"blocks[{j}]")
-    if len(b) != 8:
-        raise IndexFormatError(f"{at}: blocks[{j}] must have 8 fields")
+    if len(b) not in (8, 9):
+        raise IndexFormatError(f"{at}: blocks[{j}] must have 8 fields (9 with chunk checksums)")
     offsets = _dims(b[0], at, f"blocks[{j}].offsets")
     sizes = _dims(b[1], at, f"blocks[{j}].sizes")
     if len(offsets) != len(shape) or len(sizes) != len(shape):
@@ -265,7 +269,19 @@ def _decode_block(
     checksum = _typed(b[7], str, at, f"blocks[{j}].checksum")
     if not _CHECKSUM.fullmatch(checksum):
         raise IndexFormatError(f"{at}: blocks[{j}] checksum {checksum!r} is not 16 hex digits")
-    return BlockEntry(offsets, sizes, file, offset, length, raw_length, codec, checksum)
+    chunks = _typed(b[8], str, at, f"blocks[{j}].chunks") if len(b) == 9 else ""
+    if chunks:
+        want = -(-length // RAW_CHUNK_BYTES)
+        if codec != "raw" or length <= RAW_CHUNK_BYTES:
+            raise IndexFormatError(f"{at}: blocks[{j}] has chunk checksums but is not a raw block over {RAW_CHUNK_BYTES} bytes")
+        if len(chunks) != want * CHECKSUM_HEX or not _HEX.fullmatch(chunks):
+            raise IndexFormatError(
+                f"{at}: blocks[{j}] chunk checksums must be {want} checksums of {CHECKSUM_HEX} hex digits "
+                f"(one per {RAW_CHUNK_BYTES} bytes of {length})"
+            )
+    elif len(b) == 9:
+        raise IndexFormatError(f"{at}: blocks[{j}] has an empty chunk checksum field")
+    return BlockEntry(offsets, sizes, file, offset, length, raw_length, codec, checksum, chunks)
 
 
 def _decode_value_entry(obj: object, i: int, world_size: int, where: str) -> ValueEntry:

@@ -18,6 +18,10 @@ DATA_MAGIC = b"SHCKDAT1"
 DATA_HEADER_BYTES = 64
 # Block codecs a reader must know (docs/format.md, "Codecs").
 CODECS = ("raw", "zstd", "planes")
+# A raw block larger than this also records a checksum of each such piece of it (BlockEntry.chunks),
+# so a load that needs part of the block reads and verifies only the pieces it overlaps.
+RAW_CHUNK_BYTES = 1 << 20
+CHECKSUM_HEX = 16
 
 PathPart = str | int
 JsonValue = object
@@ -129,6 +133,12 @@ class BlockEntry:
     raw_length: int
     codec: str
     checksum: str
+    # Raw blocks over RAW_CHUNK_BYTES: the checksums of its RAW_CHUNK_BYTES pieces, concatenated
+    # (CHECKSUM_HEX digits each); "" for other blocks. Re-sharded loads read only what they need.
+    chunks: str = ""
+
+    def chunk_checksum(self, i: int) -> str:
+        return self.chunks[i * CHECKSUM_HEX : (i + 1) * CHECKSUM_HEX]
 
 
 @dataclass(frozen=True)

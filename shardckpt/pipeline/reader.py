@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from shardckpt.codec import decode_block
-from shardckpt.codec.checksum import checksum
+from shardckpt.codec.checksum import checksum, chunk_checksums
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
-from shardckpt.format.schema import DATA_HEADER_BYTES, CheckpointIndex, TensorEntry
+from shardckpt.format.schema import DATA_HEADER_BYTES, RAW_CHUNK_BYTES, CheckpointIndex, TensorEntry
 from shardckpt.pipeline.datafile import check_header
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead
@@ -94,6 +94,50 @@ def read_block(storage: Storage, index: CheckpointIndex, entry: TensorEntry, rea
     return torch.from_numpy(out).view(entry.torch_dtype).reshape(read.block.sizes)
 
 
+def read_block_part(storage: Storage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
+    """A raw block with chunk checksums, of which only the chunks that hold ``read.overlap`` are
+    read and verified: a tensor of the block's shape whose other bytes are undefined."""
+    b = read.block
+    lo, hi = _byte_span(read.box, read.overlap, entry.torch_dtype.itemsize)
+    first, end = lo // RAW_CHUNK_BYTES, -(-hi // RAW_CHUNK_BYTES)
+    start, stop = first * RAW_CHUNK_BYTES, min(end * RAW_CHUNK_BYTES, b.length)
+    out = np.empty(b.raw_length, dtype=np.uint8)  # pages outside [start, stop) are never touched
+    name = index.files[b.file].name
+    storage.read_into(name, b.offset + start, memoryview(out[start:stop]))  # type: ignore[arg-type]
+    for c in range(first, end):
+        if checksum(out[c * RAW_CHUNK_BYTES : min((c + 1) * RAW_CHUNK_BYTES, b.length)]) != b.chunk_checksum(c):  # type: ignore[arg-type]
+            raise CorruptCheckpointError(
+                f"{where}: checksum mismatch in {name} (rank {index.files[b.file].rank}) at offset "
+                f"{b.offset + c * RAW_CHUNK_BYTES} (chunk {c} of the block at offset {b.offset}) for tensor "
+                f"{entry.key!r} block {list(b.offsets)}+{list(b.sizes)}"
+            )
+    return torch.from_numpy(out).view(entry.torch_dtype).reshape(b.sizes)
+
+
+def _byte_span(box: Box, part: Box, itemsize: int) -> tuple[int, int]:
+    """The bytes of a C-ordered ``box`` from ``part``'s first element to past its last."""
+    first = last = 0
+    for o, s, bo, bs in zip(part.offsets, part.sizes, box.offsets, box.sizes):
+        first = first * bs + (o - bo)
+        last = last * bs + (o + s - 1 - bo)
+    return first * itemsize, (last + 1) * itemsize
+
+
+def read_checked_block(storage: Storage, index: CheckpointIndex, entry: TensorEntry, read: BlockRead, where: str) -> torch.Tensor:
+    """``read_block``, and a raw block's chunk checksums checked too (``verify``: a partial load
+    trusts them, so they must agree with the bytes the block checksum vouches for)."""
+    block = read.block
+    out = read_block(storage, index, entry, read, where)
+    if block.chunks and chunk_checksums(out.reshape(-1).view(torch.uint8).numpy(), RAW_CHUNK_BYTES) != block.chunks:  # type: ignore[arg-type]
+        f = index.files[block.file]
+        raise CorruptCheckpointError(
+            f"{where}: tensor {entry.key!r} block {list(block.offsets)}+{list(block.sizes)} in {f.name} (rank "
+            f"{f.rank}) at offset {block.offset}: its chunk checksums do not match its bytes, though its block "
+            "checksum does"
+        )
+    return out
+
+
 def execute_reads(
     storage: Storage, index: CheckpointIndex, requests: list[ReadRequest], pool: ThreadPoolExecutor, where: str
 ) -> None:
@@ -104,7 +148,11 @@ def execute_reads(
         if req.allocate:
             req.target.resize_(req.needed.sizes)
             req.allocate = False
-    futures = [pool.submit(read_into_target, storage, index, req, read, where) for req in requests for read in req.reads]
+    # In file order: the reads run in parallel threads, and submitted in the order of the state's
+    # tensors they would look random to the kernel's readahead (measured: a cold load 1.4x slower).
+    jobs = sorted(((req, read) for req in requests for read in req.reads),
+                  key=lambda j: (j[1].block.file, j[1].block.offset))
+    futures = [pool.submit(read_into_target, storage, index, req, read, where) for req, read in jobs]
     raise_first_failure(futures, where)
 
 
@@ -168,7 +216,9 @@ def read_into_target(storage: Storage, index: CheckpointIndex, req: ReadRequest,
         if payload is not dest:
             _decode(req.entry, read, payload, dest, where)
         return
-    place_block(req, read, read_block(storage, index, req.entry, read, where))
+    partial = read.block.chunks and read.overlap != read.box and read.box.sizes
+    reader = read_block_part if partial else read_block
+    place_block(req, read, reader(storage, index, req.entry, read, where))
 
 
 def place_block(req: ReadRequest, read: BlockRead, block: torch.Tensor) -> None:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from shardckpt.codec import encode_block
-from shardckpt.codec.checksum import checksum
+from shardckpt.codec.checksum import checksum, chunk_checksums
+from shardckpt.format.schema import RAW_CHUNK_BYTES
 from shardckpt.options import CompressionOptions
 from shardckpt.pipeline.adaptive import SaveBalance, balance_for, run_delay
 from shardckpt.planning.boxes import Box, split_box
@@ -55,7 +56,7 @@ def write_blocks(
     on_written: Callable[[StagedWrite], None] | None = None,
 ) -> list[list[object]]:
     """Write every block; returns block records ``[key, entry_rank, offsets, sizes, offset, length,
-    raw_length, codec, checksum]`` in submission order. ``on_written(sw)`` runs once all of an
+    raw_length, codec, checksum, chunks]`` in submission order. ``on_written(sw)`` runs once all of an
     item's blocks are written (its buffer may then be reused)."""
     futures: list[Future[list[object]]] = []
     balance = None
@@ -141,5 +142,6 @@ def _write_one(
             offset = out.append(payload)
         finally:
             balance.sink_exit(len(payload), time.perf_counter() - wall, time.thread_time() - cpu, run_delay() - queued)
+    chunks = chunk_checksums(payload, RAW_CHUNK_BYTES) if codec == "raw" and len(payload) > RAW_CHUNK_BYTES else ""
     return [sw.item.key, sw.item.entry_rank, list(box.offsets), list(box.sizes), offset, len(payload),
-            box.volume * itemsize, codec, digest]
+            box.volume * itemsize, codec, digest, chunks]
