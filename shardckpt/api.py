@@ -124,6 +124,19 @@ def load_from(
     ``file_readers`` is for storages that differ by rank (the memory tier: each rank sees its own
     node's files): it names the ranks that hold each data file, and blocks then travel from a rank
     that holds them to the ranks that need them (``read_shared``)."""
+    walks: list[LoadWalk] = []
+    try:
+        _load_from(state, storage, where, comm, strict, read_once, dtype_cast, file_readers, walks)
+    except BaseException:
+        for walk in walks:
+            walk.undo_prefill()  # no optimizer is left holding uninitialized state
+        raise
+
+
+def _load_from(
+    state: dict[str, object], storage: Storage, where: str, comm: Comm, strict: bool, read_once: bool,
+    dtype_cast: bool, file_readers: dict[str, frozenset[int]] | None, walks: list[LoadWalk],
+) -> None:
     path = where
     try:
         index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
@@ -133,6 +146,7 @@ def load_from(
                 "replaced during the load, or is the directory not shared?"
             )
         walk = LoadWalk(index, comm.rank, where, dtype_cast=dtype_cast)
+        walks.append(walk)
 
         def match() -> tuple[None, object]:
             walk.fill_root(state)

@@ -22,7 +22,8 @@ from shardckpt.flatten import (
 from shardckpt.format.schema import CheckpointIndex, PathPart, TensorEntry, ValueEntry, dtype_name
 from shardckpt.format.values import decode_value
 from shardckpt.layout import local_layout
-from shardckpt.module_state import route_modules
+from shardckpt.module_state import OptimizerRoute, route_modules
+from shardckpt.optim_prefill import SavedState, prefill
 from shardckpt.pipeline.reader import ReadRequest
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
@@ -41,6 +42,9 @@ class LoadWalk:
     routes: dict[int, object] = field(default_factory=dict)
     # load(dtype_cast=True): a floating-point tensor may fill a target of another floating dtype.
     dtype_cast: bool = False
+    # Optimizers given their state from the checkpoint's layout (optim_prefill.py), to be reset
+    # if the load fails: their state is uninitialized until the read fills it.
+    prefilled: list[torch.optim.Optimizer] = field(default_factory=list)
     # While filling a module's state: the keys of its tied parameters' second names.
     _tied: set[str] = field(default_factory=set, init=False)
 
@@ -74,6 +78,7 @@ class LoadWalk:
             return node
         if is_stateful(node):
             target = self.routes.get(id(node), node)
+            self._prefill(target, path, per_rank)
             template = target.state_dict()  # type: ignore[attr-defined]
             if not isinstance(template, dict):
                 raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
@@ -166,6 +171,40 @@ class LoadWalk:
             # slice of the local tensor (a view), so only the blocks that overlap it are read.
             target = local if part.local == whole else local[part.local.slices_within(whole)]
             self.requests.append(ReadRequest(entry, part.box, target, plan_reads(entry, part.box, self.where)))
+
+    def _prefill(self, target: object, path: tuple[PathPart, ...], per_rank: bool) -> None:
+        """A fresh optimizer gets its state from the checkpoint's layout, not from torch's
+        initializing step (optim_prefill.py)."""
+        from shardckpt.training import ModelOptimizerState
+
+        if isinstance(target, OptimizerRoute):
+            model, optimizer, prefix = target.model, target.optimizer, path
+        elif isinstance(target, ModelOptimizerState) and target.optimizer is not None:
+            model, optimizer, prefix = target.model, target.optimizer, (*path, "optim")
+        else:
+            return
+        if not optimizer.state and prefill(model, optimizer, self._saved_state((*prefix, "state"), per_rank), self.where):
+            self.prefilled.append(optimizer)
+
+    def _saved_state(self, prefix: tuple[PathPart, ...], per_rank: bool) -> SavedState:
+        """The entries at ``prefix/<parameter>/<name>``; empty if any lies deeper or shallower."""
+        want = tuple(str(p) for p in prefix)
+        rank = self.rank if per_rank else None
+        out: dict[str, dict[str, TensorEntry | ValueEntry]] = {}
+        entries: tuple[TensorEntry | ValueEntry, ...] = (*self.index.tensors, *self.index.values)
+        for entry in entries:
+            if entry.rank != rank or tuple(str(p) for p in entry.path[: len(want)]) != want:
+                continue
+            if len(entry.path) != len(want) + 2:
+                return {}
+            out.setdefault(str(entry.path[-2]), {})[str(entry.path[-1])] = entry
+        return out
+
+    def undo_prefill(self) -> None:
+        """After a failed load: the prefilled optimizers go back to having no state."""
+        for optimizer in self.prefilled:
+            optimizer.state.clear()
+        self.prefilled.clear()
 
     def _check_target(self, tensor: torch.Tensor, key: str) -> None:
         # A meta target would "load" without error and hold nothing: copies into it do nothing.
