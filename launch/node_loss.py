@@ -243,13 +243,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="train.py's sequences per rank per step")
     ap.add_argument("--cold", action="store_true",
                     help="evict the durable checkpoints from the page cache at the node loss (a real node's restart)")
+    ap.add_argument("--durable", default=None,
+                    help="the durable tier's root URL (s3://bucket/prefix; credentials and endpoint from the "
+                         "environment) instead of OUT/ckpt on the local disk")
     ap.add_argument("--shrink-only", action="store_true", help="stop after the first step of the 2-rank restore")
     args = ap.parse_args()
 
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     (out / "digests").mkdir(parents=True)
-    ckpt, line_file = out / "ckpt", out / "timeline.txt"
+    line_file = out / "timeline.txt"
+    local = args.durable is None
+    ckpt = out / "ckpt" if local else args.durable.rstrip("/")
     port = free_port()
     train = ["--ckpt", str(ckpt), "--steps", str(args.steps), "--save-interval", str(args.save_interval),
              "--keep-last", "3", "--digests", str(out / "digests"), "--timeline", str(line_file),
@@ -278,6 +283,8 @@ def main() -> None:
         wait_for("two committed steps", lambda: len(shardckpt.committed_steps(ckpt)) >= 2, args.timeout, nodes)
         # 2. Node loss, while a save is in flight (or, if none shows up in 20 s, mid-training).
         try:
+            if not local:
+                raise SystemExit("an object store shows no save in flight (nothing is visible before commit)")
             wait_for("a save in flight", lambda: save_in_flight(ckpt), 20, nodes)
             summary["killed_mid_save"] = True
         except SystemExit:
@@ -286,7 +293,7 @@ def main() -> None:
         t_loss = time.time()
         # The node's host memory goes with it: its memory tier is gone at the moment of the loss.
         shutil.rmtree(memory_root / "job" / node1.name, ignore_errors=True)
-        if args.cold:
+        if args.cold and local:
             evict(ckpt)
         before = shardckpt.committed_steps(ckpt)
         summary["durable_at_loss"] = before
@@ -323,7 +330,7 @@ def main() -> None:
         check_data_order(timeline(line_file), args.steps)
         steps = shardckpt.committed_steps(ckpt)
         for step in steps:
-            shardckpt.verify(ckpt / f"step-{step:08d}")
+            shardckpt.verify(f"{ckpt}/step-{step:08d}")
         if not steps or steps[-1] != args.steps:
             raise SystemExit(f"[node-loss] the last step {args.steps} is not committed: {steps}")
         summary.update(committed_steps=steps, data_order="continuous", verified=len(steps))
