@@ -41,6 +41,9 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=20))
     rank, world = dist.get_rank(), dist.get_world_size()
     print(f"init-ok attempt {attempt} rank {rank}", flush=True)
+    # The hang timer again, for the job itself: on a loaded machine an init that waited out stale
+    # addresses plus ten saves passed 60 s, and the timer ended a healthy rank after its peer finished.
+    faulthandler.dump_traceback_later(120, exit=True)
     manager = shardckpt.CheckpointManager(root, keep_last=2)
     state: dict[str, object] = {"w": torch.zeros(64, 33), "mine": shardckpt.PerRank(torch.zeros(5)), "step": 0}
     resumed = manager.restore(state)

@@ -46,7 +46,7 @@ def _check(out: str, rc: int) -> None:
     for attempt, ranks in inited.items():
         if attempt >= 1 and ranks == {0, 1}:
             assert attempt in done, f"attempt {attempt} failed after torch's init\n" + out[-6000:]
-            assert rc == 0
+            assert rc == 0, f"attempt {attempt} finished on rank 0, yet torchrun failed\n" + out[-6000:]
     assert re.search(r"attempt [1-9]\d*: world 2, resumed \d+", out) or rc != 0, out[-4000:]
 
 
