@@ -92,10 +92,9 @@ class StagingPool:
             self._free_bytes = 0
 
     def close(self) -> None:
+        self.drop_free()
         with self._cond:
             self._closed = True
-            self._free.clear()
-            self._free_bytes = 0
             self._cond.notify_all()
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import shardckpt
 from tests.dist.harness import run_ranks
+from tests.dist.test_fsdp import _model, _sharded
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -48,7 +49,7 @@ def _state_of(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 def _plain(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(13, 27), nn.ReLU(), nn.Linear(27, 3))
+    model = _model()
     return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
@@ -103,19 +104,6 @@ def test_a_state_of_another_layout_falls_back_to_torchs_initializing_step(tmp_pa
     assert calls == [1]
     want, got = _state_of(opt), _state_of(opt2)
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
-
-
-def _sharded(world_size: int, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model, opt = _plain(seed)
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
 def save_worker(rank: int, world_size: int, path: str) -> dict[str, torch.Tensor]:
