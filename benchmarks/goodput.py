@@ -115,6 +115,7 @@ class _Saver:
         self.model, self.opt = model, opt
         self.state = {"train": shardckpt.ModelOptimizerState(model, opt), "step": 0}
         self.pending: object = None
+        self.handles: list[object] = []  # shardckpt's save handles, read for their stored / raw bytes
 
     def save(self, path: Path, step: int) -> float:
         t = time.perf_counter()
@@ -123,6 +124,7 @@ class _Saver:
 
             self.state["step"] = step
             self.pending = shardckpt.async_save(self.state, path, compression=self.compression)
+            self.handles.append(self.pending)
             _renice_shardckpt_threads(self.nice)
         elif self.system == "dcp":
             import torch.distributed.checkpoint as dcp
@@ -157,6 +159,12 @@ class _Saver:
         else:
             self.pending.result()  # type: ignore[attr-defined]
         self.pending = None
+
+    def stored_share(self) -> float:
+        """Stored / raw bytes over this run's shardckpt saves (1.0 for the others: never compressed)."""
+        results = [h.wait() for h in self.handles]  # type: ignore[attr-defined]  # all done: finish() waited
+        raw = sum(r.bytes_raw for r in results)
+        return sum(r.bytes_stored for r in results) / raw if raw else 1.0
 
 
 def _renice_shardckpt_threads(nice: int) -> None:
@@ -305,6 +313,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, init: str, results: 
                     "voluntary_switches", "involuntary_switches"]
             rec = {k: (float("nan") if v == -1.0 else v) for k, v in zip(keys, slow)}
             rec["saves"] = float(len(stalls))
+            rec["stored_share"] = saver.stored_share() if saver is not None else 1.0
             rec["steps_per_s"] = args.steps / rec["seconds"]
             runs[name].append(rec)
             clean(name)
@@ -368,8 +377,8 @@ def markdown(report: dict) -> str:
         "slowest rank's figures; median [min..max] over repeats.",
         "",
         "| mode | steps/s | loss vs none | loss within the run | saves/run | stall per save s | drain s "
-        "| clean step s | step during a save s | its training-thread CPU s | other threads' CPU s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clean step s | step during a save s | its training-thread CPU s | other threads' CPU s/run | stored / raw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in med.items():
         loss = "–" if name == "none" else f"{m['loss']:.3f} [{m['loss_min']:.3f}..{m['loss_max']:.3f}]"
@@ -380,7 +389,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {name} | {m['steps_per_s']:.3f} [{m['steps_per_s_min']:.3f}..{m['steps_per_s_max']:.3f}] | {loss} | "
             f"{within} | {m['saves_per_run']:.0f} | {m['stall_per_save_s']:.3f} | {m['drain_s']:.3f} | {m['clean_step_s']:.3f} | "
-            f"{ov} | {ovc} | {m['other_cpu_s'] - none['other_cpu_s']:+.2f} |"
+            f"{ov} | {ovc} | {m['other_cpu_s'] - none['other_cpu_s']:+.2f} | {m.get('stored_share', 1.0):.2f} |"
         )
     lines += ["", "Where each mode's extra time went (seconds per run, medians; extra = run time - none's run time; "
               "the last columns are the training thread's context switches per run, voluntary ones are waits "

@@ -151,6 +151,7 @@ class AsyncSaver:
         prep = prepare_save(
             state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck, s3=s3
         )
+        prep.background = True
         feed: queue.Queue[object] = queue.Queue()
         hashes: dict[str, str] = {}
         future: Future[SaveResult] = Future()

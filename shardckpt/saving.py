@@ -80,6 +80,7 @@ class PreparedSave:
     lock: StorageLock | None  # held by the coordinator from planning until the save ends
     started: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=dict)  # seconds, as SaveResult.phases
+    background: bool = False  # written beside the training loop (async_save): its CPU time is priced
 
     def release(self) -> None:
         try:
@@ -332,7 +333,7 @@ def write_and_commit(
         out = storage.create(name)
         try:
             out.append(encode_header(prep.save_id, comm.rank))
-            blocks = write_blocks(staged, out, prep.options, pool, on_written)
+            blocks = write_blocks(staged, out, prep.options, pool, on_written, prep.background)
             size = finish_data(out)  # timed: the adaptive codec learns the sink speed
         except BaseException:
             out.abort()

@@ -78,7 +78,7 @@ def _commit(
         out = storage.create(name)
         try:
             out.append(encode_header(prep.save_id, comm.rank))
-            blocks = write_blocks(staged, out, prep.options, pool, on_written)
+            blocks = write_blocks(staged, out, prep.options, pool, on_written, prep.background)
             size = finish_data(out)
         except BaseException:
             out.abort()

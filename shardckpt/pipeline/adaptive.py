@@ -29,6 +29,19 @@ delay gives ``P`` as measured: the share of time the encoder threads ran while r
 the number of threads, capped by this rank's share of the cores; on a machine busy with other
 work, encoding costs more wall time than its CPU time says, and the policy compresses less.
 
+Background saves. An ``async_save`` runs beside the training loop, so its wall time costs training
+nothing while its CPU time may cost it everything: on a machine whose cores the training loop keeps
+busy, every encoder second is taken from a training step (measured with benchmarks/goodput.py on 2
+cores: a policy minimising ``T`` alone compressed while waiting for the disk and lost training
+throughput to it). So a background save minimises ``(1 - k) T(f) + k C(f) / P``, where ``C(f)`` is
+the CPU thread-seconds per raw byte (the numerator of the first term of ``T``) and ``k`` the
+measured contention: the share of this rank's cores its encoder threads did not get while they
+were runnable (``1 - got / P``, from the same run delays). With spare cores (a GPU job whose
+training thread leaves the host cores idle) ``k`` is 0 and nothing changes; on a machine saturated
+by training, ``k`` nears 1 and a background save spends as little CPU as it can, storing raw unless
+compression costs less CPU than the writes it saves. The objective is still convex and piecewise
+linear with the same breakpoints, so the same three candidates are evaluated.
+
 Which blocks. A running byte budget picks blocks in the order the encoder threads take them:
 a block is compressed while the compressed raw bytes stay within ``f`` of the bytes seen (error
 diffusion, so any ``f`` is met to within one block). The rest are stored ``"raw"``, still
@@ -54,8 +67,8 @@ from dataclasses import dataclass
 from shardckpt.options import rank_cores
 
 __all__ = [
-    "CodecBalance", "Estimates", "SaveBalance", "balance_for", "compress_fraction", "run_delay", "save_cost",
-    "usable_cores",
+    "CodecBalance", "Estimates", "SaveBalance", "balance_for", "compress_fraction", "contention", "cpu_cost",
+    "run_delay", "save_cost", "usable_cores",
 ]
 
 _PRIOR_BYTES = 64 << 20  # how many raw bytes the previous saves' estimates weigh inside a new save
@@ -72,6 +85,7 @@ class Estimates:
     wait_s: float | None  # d_a: storage wait per stored byte while appends run (overlaps encoding)
     finish_s: float  # d_f: finish (fsync / upload completion) seconds per stored byte
     cores: float | None = None  # P as measured: the cores the encoder threads actually got
+    threads: int = 0  # how many encoder threads that was measured over
 
 
 def usable_cores(est: Estimates | None, cores: float) -> float:
@@ -82,16 +96,32 @@ def usable_cores(est: Estimates | None, cores: float) -> float:
     return max(min(cores, est.cores), 1e-3)
 
 
+def cpu_cost(est: Estimates, f: float) -> float:
+    """``C(f)``: CPU thread-seconds per raw byte (checksums, encoding, the writes' own CPU)."""
+    stored = 1.0 - f * (1.0 - est.ratio)
+    return est.raw_cpu_s + f * (est.zstd_cpu_s - est.raw_cpu_s) + est.write_cpu_s * stored
+
+
 def save_cost(est: Estimates, cores: float, f: float) -> float:
     """Seconds per raw byte of a save that compresses the fraction ``f`` of its bytes (``T(f)``)."""
     stored = 1.0 - f * (1.0 - est.ratio)
-    cpu = (est.raw_cpu_s + f * (est.zstd_cpu_s - est.raw_cpu_s) + est.write_cpu_s * stored) / max(cores, 1e-3)
-    return max(cpu, (est.wait_s or 0.0) * stored) + est.finish_s * stored
+    return max(cpu_cost(est, f) / max(cores, 1e-3), (est.wait_s or 0.0) * stored) + est.finish_s * stored
 
 
-def compress_fraction(est: Estimates, cores: float) -> float:
-    """The fraction of raw bytes to compress that makes the save fastest (module docstring); 1.0
-    while the sink is unknown (compress, to learn the encoder), 0.0 when compression saves nothing."""
+def contention(est: Estimates | None, cores: float) -> float:
+    """``k``: the share of the cores its encoder threads could have had (this rank's ``cores``, or
+    fewer where fewer threads ran) that they did not get while runnable."""
+    if est is None or est.cores is None or cores <= 0.0:
+        return 0.0
+    could = min(cores, est.threads) if est.threads else cores
+    return min(1.0, max(0.0, 1.0 - est.cores / could))
+
+
+def compress_fraction(est: Estimates, cores: float, busy: float = 0.0) -> float:
+    """The fraction of raw bytes to compress that makes the save cheapest (module docstring): the
+    fastest for ``busy`` 0 (a blocking save, or spare cores), the least CPU for ``busy`` 1 (a
+    background save on cores the training loop needs). 1.0 while the sink is unknown (compress,
+    to learn the encoder), 0.0 when compression saves nothing."""
     if est.wait_s is None:
         return 1.0
     if est.ratio >= 1.0:
@@ -103,7 +133,7 @@ def compress_fraction(est: Estimates, cores: float) -> float:
         crossing = (est.wait_s - (est.raw_cpu_s + est.write_cpu_s) / p) / slope
         if 0.0 < crossing < 1.0:
             candidates.append(crossing)
-    costs = {f: save_cost(est, p, f) for f in candidates}
+    costs = {f: (1.0 - busy) * save_cost(est, p, f) + busy * cpu_cost(est, f) / p for f in candidates}
     best = min(costs.values())
     return max(f for f, c in costs.items() if c <= best * (1.0 + 1e-9))
 
@@ -144,11 +174,12 @@ class CodecBalance:
         self._lock = threading.Lock()
         self.estimates: Estimates | None = None
 
-    def start_save(self, cores: float | None = None) -> SaveBalance:
-        """A per-save policy starting from the current estimates."""
+    def start_save(self, cores: float | None = None, background: bool = False) -> SaveBalance:
+        """A per-save policy starting from the current estimates; ``background`` for a save that
+        runs beside the training loop (its CPU time is priced, module docstring)."""
         with self._lock:
             prior = self.estimates
-        return SaveBalance(self, prior, rank_cores() if cores is None else cores)
+        return SaveBalance(self, prior, rank_cores() if cores is None else cores, background)
 
     def _fold(self, est: Estimates) -> None:
         with self._lock:
@@ -171,17 +202,19 @@ def balance_for(kind: str) -> CodecBalance:
 class SaveBalance:
     """One save's policy: picks blocks to compress and records what each block and write cost."""
 
-    def __init__(self, owner: CodecBalance | None, prior: Estimates | None, cores: float) -> None:
+    def __init__(self, owner: CodecBalance | None, prior: Estimates | None, cores: float,
+                 background: bool = False) -> None:
         self._owner = owner
         self._prior = prior
         self.cores = cores
+        self.background = background
         self._lock = threading.Lock()
         self._sums = _Sums()
         self._seen = 0  # raw bytes decided so far
         self._compressed = 0  # of which compressed
         self._busy = 0  # writer threads inside append
         self._busy_since = 0.0
-        self._fraction = compress_fraction(prior, usable_cores(prior, cores)) if prior is not None else 1.0
+        self._fraction = self._target(prior) if prior is not None else 1.0
 
     @property
     def fraction(self) -> float:
@@ -256,7 +289,11 @@ class SaveBalance:
     def _refresh(self) -> None:
         est = self._estimate(final=False)
         if est is not None:
-            self._fraction = compress_fraction(est, usable_cores(est, self.cores))
+            self._fraction = self._target(est)
+
+    def _target(self, est: Estimates) -> float:
+        busy = contention(est, self.cores) if self.background else 0.0
+        return compress_fraction(est, usable_cores(est, self.cores), busy)
 
     def _estimate(self, final: bool) -> Estimates | None:
         s, p = self._sums, self._prior
@@ -293,8 +330,9 @@ class SaveBalance:
             wait = p.wait_s if wait is None else max(p.wait_s, blend(p.wait_s, wait * s.sink_bytes, s.sink_bytes) or 0.0)
         elif wait is None and p is not None:
             wait = p.wait_s
-        got = None if p is None else p.cores
+        got, threads = (None, 0) if p is None else (p.cores, p.threads)
         if s.ran > 0.0:
-            got = len(s.threads) * s.ran / (s.ran + s.queued)
+            got, threads = len(s.threads) * s.ran / (s.ran + s.queued), len(s.threads)
         return Estimates(zstd_cpu, raw_cpu if raw_cpu is not None else 0.0, ratio,
-                         write_cpu if write_cpu is not None else 0.0, wait, finish if finish is not None else 0.0, got)
+                         write_cpu if write_cpu is not None else 0.0, wait, finish if finish is not None else 0.0, got,
+                         threads)

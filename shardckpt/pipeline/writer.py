@@ -54,14 +54,16 @@ def write_blocks(
     options: CompressionOptions,
     pool: ThreadPoolExecutor,
     on_written: Callable[[StagedWrite], None] | None = None,
+    background: bool = False,
 ) -> list[list[object]]:
     """Write every block; returns block records ``[key, entry_rank, offsets, sizes, offset, length,
     raw_length, codec, checksum, chunks]`` in submission order. ``on_written(sw)`` runs once all of an
-    item's blocks are written (its buffer may then be reused)."""
+    item's blocks are written (its buffer may then be reused). ``background``: the save runs beside
+    the training loop, and the ``"auto"`` codec prices its CPU time (pipeline/adaptive.py)."""
     futures: list[Future[list[object]]] = []
     balance = None
     if options.codec == "auto":
-        balance = balance_for(storage_kind(out)).start_save()
+        balance = balance_for(storage_kind(out)).start_save(background=background)
         with _open_lock:
             _open_balances[id(out)] = balance  # finish_data folds the sink time in
     try:

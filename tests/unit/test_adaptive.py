@@ -21,6 +21,8 @@ from shardckpt.pipeline.adaptive import (
     SaveBalance,
     balance_for,
     compress_fraction,
+    contention,
+    cpu_cost,
     save_cost,
 )
 from shardckpt.pipeline.writer import StagedWrite, finish_data, storage_kind, write_blocks
@@ -89,6 +91,71 @@ def test_fraction_balances_encoder_and_sink():
     # more than the encoder costs (here 0.33 x 1/300 MB/s > 1/450 MB/s: no; at 100 MB/s: yes).
     assert compress_fraction(_est(20_000.0, finish_mb_s=300.0), 1.0) == 0.0
     assert compress_fraction(_est(20_000.0, finish_mb_s=100.0), 1.0) == 1.0
+
+
+def test_background_save_prices_cpu_taken_from_a_busy_machine():
+    """An async save beside a training loop that keeps the cores busy spends the least CPU it can;
+    with spare cores it is balanced for speed like a blocking save (goodput, issue 11 item 6)."""
+    est = _est(800.0)  # a page cache + fsync: the fastest save compresses part of the state
+    f = compress_fraction(est, 1.0)
+    assert 0.0 < f < 1.0
+    assert compress_fraction(est, 1.0, busy=0.0) == f
+    assert compress_fraction(est, 1.0, busy=1.0) == 0.0  # every encoder second is a training second
+    assert cpu_cost(est, 0.0) < cpu_cost(est, f)
+    # A 100 MB/s disk: the save takes 1.5x longer raw; half-contended cores still pay for that...
+    assert compress_fraction(_est(100.0), 1.0, busy=0.5) == 1.0
+    # ...fully contended ones do not: compressing costs more CPU than the writes it saves.
+    assert compress_fraction(_est(100.0), 1.0, busy=1.0) == 0.0
+    # ...unless compression saves CPU too (an upload whose own CPU per byte exceeds the encoder's).
+    assert compress_fraction(_est(100.0, write_mb_s=100.0), 1.0, busy=1.0) == 1.0
+
+
+def test_contention_is_the_share_of_cores_the_encoders_did_not_get():
+    base = _est(800.0)
+    measured = lambda got, threads: Estimates(**{**base.__dict__, "cores": got, "threads": threads})  # noqa: E731
+    assert contention(base, 1.0) == 0.0  # nothing measured
+    assert contention(measured(1.0, 2), 1.0) == 0.0  # two threads shared this rank's one core
+    assert contention(measured(0.25, 2), 1.0) == pytest.approx(0.75)  # training took the rest
+    assert contention(measured(4.0, 4), 16.0) == 0.0  # 4 threads on 16 cores, never waiting
+    assert contention(measured(2.0, 4), 16.0) == pytest.approx(0.5)
+
+
+def _contended_save(background: bool) -> float:
+    """The fraction a save starts at after one whose encoder thread waited 3 s for a core per 1 s
+    it ran, behind a 30 MB/s disk (its fsync)."""
+    balance = CodecBalance()
+    save = balance.start_save(cores=1.0, background=background)
+    stored_total = 0
+    for _ in range(8):
+        take = save.choose(4 * MiB)
+        stored = int(4 * MiB * 0.67) if take else 4 * MiB
+        cpu = (4 * MiB / 450e6) if take else 4 * MiB / 20e9
+        save.record_block(4 * MiB, stored, cpu, take, queued_s=3 * cpu)
+        save.sink_enter()
+        save.sink_exit(stored, 0.0, 0.0, 0.0)
+        stored_total += stored
+    save.finished(stored_total / 30e6)
+    return balance.start_save(cores=1.0, background=background).fraction
+
+
+def test_background_save_measures_its_contention():
+    assert _contended_save(background=False) == 1.0  # blocking: the disk is the bottleneck
+    assert _contended_save(background=True) == 0.0  # beside training: the CPU is
+
+
+def test_async_save_balances_as_a_background_save(tmp_path, monkeypatch):
+    seen: list[bool] = []
+    start = adaptive.CodecBalance.start_save
+
+    def spy(self: CodecBalance, cores: float | None = None, background: bool = False) -> SaveBalance:
+        seen.append(background)
+        return start(self, cores, background)
+
+    monkeypatch.setattr(adaptive.CodecBalance, "start_save", spy)
+    state = {"w": torch.randn(64, 64)}
+    shardckpt.save(state, tmp_path / "a")
+    shardckpt.async_save(state, tmp_path / "b").wait()
+    assert seen == [False, True]
 
 
 def test_blocks_are_picked_to_hit_the_fraction():
