@@ -60,6 +60,7 @@ differently, and nothing collective is added.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -157,14 +158,41 @@ def run_delay() -> float:
     if not _schedstat:
         return 0.0
     try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            return int(f.read().split()[1]) / 1e9
+        # One pread on a descriptor kept per thread: open + read + close each released and retook
+        # the GIL, four times per block, and the training thread beside an async save paid for
+        # every handoff (goodput.py counted its voluntary context switches).
+        fd = getattr(_thread_stat, "fd", None)
+        if fd is None:
+            fd = _ThreadStat(os.open("/proc/thread-self/schedstat", os.O_RDONLY))
+            _thread_stat.fd = fd
+        return int(os.pread(fd.fd, 128, 0).split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         _schedstat = False  # not this kernel: waits for a core then count as storage waits
         return 0.0
 
 
+class _ThreadStat:
+    """A thread's schedstat descriptor, closed when the thread ends (its thread-local goes)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 _schedstat = True
+_thread_stat = threading.local()
+
+
+def _forget_thread_stat() -> None:
+    global _thread_stat
+    _thread_stat = threading.local()  # a forked child's thread must not read its parent thread's file
+
+
+os.register_at_fork(after_in_child=_forget_thread_stat)
 
 
 class CodecBalance:
