@@ -143,6 +143,29 @@ def test_background_save_measures_its_contention():
     assert _contended_save(background=True) == 0.0  # beside training: the CPU is
 
 
+def test_run_delay_reads_each_threads_own_schedstat_and_closes_it():
+    """The descriptor run_delay keeps is the calling thread's (a shared one would time another
+    thread's waits) and goes when the thread ends (a pool restarted per save must not leak)."""
+    if not os.path.exists("/proc/thread-self/schedstat"):
+        pytest.skip("no schedstat on this kernel")
+    seen: dict[int, str] = {}
+
+    def probe() -> None:
+        adaptive.run_delay()
+        seen[threading.get_native_id()] = os.readlink(f"/proc/self/fd/{adaptive._thread_stat.fd.fd}")
+
+    before = set(os.listdir("/proc/self/fd"))
+    threads = [threading.Thread(target=probe) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 3
+    for tid, target in seen.items():
+        assert target.endswith(f"/task/{tid}/schedstat"), (tid, target)
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
 def test_async_save_balances_as_a_background_save(tmp_path, monkeypatch):
     seen: list[bool] = []
     start = adaptive.CodecBalance.start_save
