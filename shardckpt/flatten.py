@@ -202,7 +202,10 @@ def _walk(
         tensors.extend(_tensor_items(node, key, path, per_rank, rank))
     elif is_stateful(node):
         # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
-        sd = routes.get(id(node), node).state_dict()  # type: ignore[attr-defined]
+        obj = routes.get(id(node), node)
+        # ModelOptimizerState gives the tensors undetached and skips get_state_dict when it can.
+        state_dict = getattr(obj, "state_dict_for_save", None) or obj.state_dict  # type: ignore[attr-defined]
+        sd = state_dict()
         if not isinstance(sd, dict):
             raise StateMismatchError(f"state_dict() of {type(node).__name__} at key {key!r} returned a non-dict")
         # A module's tied parameters (an LM head tied to the embedding) are saved once, under the

@@ -13,6 +13,7 @@ from torch import nn
 
 from shardckpt.errors import StateMismatchError
 from shardckpt.flatten import PerRank
+from shardckpt.state_recipe import StateRecipe
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.state_dict import DictValueType, OptimizerStateType
@@ -89,13 +90,30 @@ class ModelOptimizerState:
 
         self.model = model
         self.optimizer = optimizer
+        self._recipe: StateRecipe | None = None
 
     def state_dict(self) -> dict[str, object]:
+        sd = self.state_dict_for_save()
+        model = cast("dict[str, object]", sd["model"])
+        sd["model"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
+        return sd
+
+    def state_dict_for_save(self) -> dict[str, object]:
+        """``state_dict()`` with the registered tensors themselves in place of their ``detach()``:
+        a save only reads them. Repeated saves of an unchanged model and optimizer reuse the names
+        of the last answer (state_recipe.py) instead of recomputing them."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
+        if self._recipe is not None:
+            got = self._recipe.answer(self.model, self.optimizer)
+            if got is not None:
+                return {"model": got[0], "optim": got[1]}
         msd, osd = get_state_dict(self.model, self.optimizer)
+        self._recipe = StateRecipe.learn(
+            self.model, self.optimizer, cast("dict[str, object]", msd), cast("dict[str, object]", osd)
+        )
         return {"model": msd, "optim": osd}
 
     def load_state_dict(self, state_dict: dict[str, object]) -> None:

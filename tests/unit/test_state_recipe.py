@@ -1,0 +1,247 @@
+"""ModelOptimizerState remembers the names of get_state_dict's answer across saves (state_recipe.py).
+
+Each case checks that the answer it gives is the one torch gives at that moment (same names, same
+order, the same bytes, the optimizer's own state dicts, the current hyperparameters), and whether
+torch was asked: a remembered answer must never be stale, and a changed model or optimizer must
+be asked again."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed.checkpoint.state_dict as dcp_state_dict
+from torch import nn
+
+import shardckpt
+from shardckpt.state_recipe import StateRecipe
+
+pytestmark = pytest.mark.timeout(120)
+
+_REAL_GET_STATE_DICT = dcp_state_dict.get_state_dict  # uncounted: what torch answers
+
+
+class Net(nn.Module):
+    def __init__(self, tie: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 11, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+        self.register_buffer("scale", torch.ones(6))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embed(x) * self.scale))
+
+
+def _trained(tie: bool = False) -> shardckpt.ModelOptimizerState:
+    torch.manual_seed(0)
+    model = Net(tie)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, optim)
+    return shardckpt.ModelOptimizerState(model, optim)
+
+
+def _step(model: nn.Module, optim: torch.optim.Optimizer) -> None:
+    model(torch.arange(8).reshape(2, 4)).sum().backward()
+    optim.step()
+    optim.zero_grad()
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """How many times torch's get_state_dict ran."""
+    calls = []
+    real = dcp_state_dict.get_state_dict
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dcp_state_dict, "get_state_dict", counting)
+    return calls
+
+
+def _same_value(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, tuple | list):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+    return a == b
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _assert_torch_agrees(mos: shardckpt.ModelOptimizerState) -> None:
+    """The answer for a save equals get_state_dict's, asked now (outside the count)."""
+    got = mos.state_dict_for_save()
+    want_model, want_optim = _REAL_GET_STATE_DICT(mos.model, mos.optimizer)
+    model, optim = got["model"], got["optim"]
+    assert list(model) == list(want_model)
+    for name, tensor in model.items():
+        mine, want = _local(tensor), _local(want_model[name])
+        assert mine.data_ptr() == want.data_ptr() and torch.equal(mine, want), name
+        assert getattr(tensor, "placements", None) == getattr(want_model[name], "placements", None), name
+    assert list(optim["state"]) == list(want_optim["state"])
+    for name, per_param in optim["state"].items():
+        assert per_param is want_optim["state"][name], name  # the optimizer's own dict, as torch gives
+    assert len(optim["param_groups"]) == len(want_optim["param_groups"])
+    for group, want in zip(optim["param_groups"], want_optim["param_groups"]):
+        assert list(group) == list(want)
+        assert all(_same_value(group[k], want[k]) for k in want), (group, want)
+
+
+def test_a_repeated_save_does_not_ask_torch_and_gives_its_answer(asked):
+    mos = _trained()
+    mos.state_dict_for_save()
+    assert len(asked) == 1
+    for _ in range(3):
+        _step(mos.model, mos.optimizer)
+        mos.optimizer.param_groups[0]["lr"] *= 0.5  # a scheduler: the hyperparameters are read live
+        _assert_torch_agrees(mos)
+    assert len(asked) == 1
+    assert mos.optimizer.param_groups[0]["lr"] == 1e-2 / 8
+    assert mos.state_dict_for_save()["optim"]["param_groups"][0]["lr"] == 1e-2 / 8
+
+
+def test_tied_weights_keep_both_names():
+    mos = _trained(tie=True)
+    mos.state_dict_for_save()
+    assert mos._recipe is not None
+    _assert_torch_agrees(mos)
+    assert mos.state_dict_for_save()["model"]["head.weight"] is mos.model.embed.weight
+
+
+def test_a_compiled_model_is_named_like_torch_names_it(asked):
+    mos = _trained()
+    mos.model = torch.compile(mos.model)  # wrapped in _orig_mod, never run: no compiling here
+    mos.state_dict_for_save()
+    _assert_torch_agrees(mos)
+    assert "body.0.weight" in mos.state_dict_for_save()["model"]
+    assert len(asked) == 1
+
+
+def test_the_public_state_dict_is_detached(asked):
+    mos = _trained()
+    mos.state_dict()
+    sd = mos.state_dict()
+    assert len(asked) == 1
+    assert all(not t.requires_grad for t in sd["model"].values())
+    assert sd["model"]["body.0.weight"].data_ptr() == mos.model.body[0].weight.data_ptr()
+
+
+def _replace_optimizer(mos):
+    mos.optimizer = torch.optim.AdamW(mos.model.parameters(), lr=1e-3)
+    _step(mos.model, mos.optimizer)
+
+
+def _replace_param(mos):
+    mos.model.body[0].weight = nn.Parameter(torch.randn(6, 6))
+    _replace_optimizer(mos)
+
+
+def _swap_data(mos):
+    mos.model.body[0].weight.data = torch.randn(6, 6)
+
+
+def _add_group(mos):
+    extra = nn.Linear(6, 2)
+    mos.model.extra = extra
+    mos.optimizer.add_param_group({"params": list(extra.parameters()), "lr": 0.5})
+    _step(mos.model, mos.optimizer)
+    mos.model.extra(torch.ones(1, 6)).sum().backward()
+    mos.optimizer.step()
+
+
+def _reload_optimizer(mos):
+    mos.optimizer.load_state_dict(mos.optimizer.state_dict())
+
+
+def _new_buffer(mos):
+    mos.model.body[1].register_buffer("seen", torch.zeros(2))
+
+
+def _persist_scratch(mos):
+    mos.model._non_persistent_buffers_set.discard("scratch")
+
+
+def _reorder_children(mos):
+    body = mos.model.body
+    mos.model.body = nn.Sequential(body[2], body[1], body[0])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_replace_optimizer, _replace_param, _swap_data, _add_group, _reload_optimizer, _new_buffer, _persist_scratch,
+     _reorder_children],
+)
+def test_a_change_gives_torch_answer_again(change, asked):
+    mos = _trained()
+    mos.state_dict_for_save()
+    change(mos)
+    _assert_torch_agrees(mos)
+    _assert_torch_agrees(mos)
+
+
+def _state_dict_hook(mos):
+    mos.model.body[0].register_state_dict_post_hook(lambda module, sd, prefix, local: None)
+
+
+def _state_dict_pre_hook(mos):
+    mos.model.register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+
+
+def _optimizer_hook(mos):
+    mos.optimizer.register_state_dict_post_hook(lambda optim, sd: sd)
+
+
+class _Extra(nn.Linear):
+    def get_extra_state(self) -> object:
+        return {"calls": 1}
+
+    def set_extra_state(self, state: object) -> None:
+        pass
+
+
+def _extra_state(mos):
+    mos.model.body[0] = _Extra(6, 6)
+    _replace_optimizer(mos)
+
+
+@pytest.mark.parametrize("change", [_state_dict_hook, _state_dict_pre_hook, _optimizer_hook, _extra_state])
+def test_anything_beyond_renaming_always_asks_torch(change, asked):
+    mos = _trained()
+    change(mos)
+    for _ in range(3):
+        mos.state_dict_for_save()
+    assert len(asked) == 3
+    assert mos._recipe is None
+
+
+def test_an_optimizer_without_state_is_not_remembered():
+    torch.manual_seed(0)
+    model = Net()
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)  # stateless: nothing to name
+    msd, osd = dcp_state_dict.get_state_dict(model, optim)
+    assert StateRecipe.learn(model, optim, msd, osd) is None
+
+
+def test_repeated_saves_round_trip(tmp_path):
+    mos = _trained()
+    for i in range(3):
+        _step(mos.model, mos.optimizer)
+        shardckpt.save({"train": mos, "step": i}, tmp_path / f"c{i}")
+    assert mos._recipe is not None
+    want = {k: v.clone() for k, v in mos.model.state_dict().items()}
+    moments = [v["exp_avg"].clone() for v in mos.optimizer.state.values()]
+    torch.manual_seed(9)
+    fresh = shardckpt.ModelOptimizerState(Net(), None)
+    fresh.optimizer = torch.optim.AdamW(fresh.model.parameters(), lr=1e-2)
+    shardckpt.load({"train": fresh, "step": 0}, tmp_path / "c2")
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    got = [v["exp_avg"] for v in fresh.optimizer.state.values()]
+    assert all(torch.equal(a, b) for a, b in zip(got, moments, strict=True))
