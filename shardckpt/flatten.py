@@ -188,18 +188,20 @@ def _walk(
     seen: dict[str, tuple[PathPart, ...]],
     routes: Mapping[int, object],
     tied: Mapping[str, str] | None = None,
+    memo: ItemMemo | None = None,
 ) -> None:
     check_depth(path)
     key = join_key(path)
     if isinstance(node, PerRank):
         if per_rank:
             raise StateMismatchError(f"PerRank nested inside PerRank at key {key!r}")
-        _walk(node.value, path, True, rank, tensors, values, seen, routes, tied)
+        _walk(node.value, path, True, rank, tensors, values, seen, routes, tied, memo)
     elif isinstance(node, torch.Tensor):
         _claim(key, path, seen)
         if tied is not None and key in tied:
             return  # a tied parameter's second name: its data is saved under the first
-        tensors.extend(_tensor_items(node, key, path, per_rank, rank))
+        tensors.extend(_tensor_items(node, key, path, per_rank, rank) if memo is None
+                       else _remembered_items(memo, node, key, path, per_rank, rank))
     elif is_stateful(node):
         # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
         obj = routes.get(id(node), node)
@@ -213,14 +215,43 @@ def _walk(
         # dict naming one tensor twice may be loaded into two separate tensors, so both are kept.
         if isinstance(node, torch.nn.Module):
             tied = {f"{key}/{later}": f"{key}/{first}" for later, first in tied_names(node).items() if first in sd}
-        _walk(sd, path, per_rank, rank, tensors, values, seen, routes, tied)
+        _walk(sd, path, per_rank, rank, tensors, values, seen, routes, tied, getattr(obj, "flatten_memo", None))
     elif (not path and isinstance(node, dict)) or (isinstance(node, dict | list | tuple) and contains_tensors(node, key)):
         children = node.items() if isinstance(node, dict) else enumerate(node)
         for part, child in children:
-            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen, routes, tied)
+            _walk(child, path + (check_part(part, path),), per_rank, rank, tensors, values, seen, routes, tied, memo)
     else:
         _claim(key, path, seen)
         values.append(ValueItem(key, path, encode_value(node, key), per_rank))
+
+
+# Per key: (tensor, where its bytes are, per_rank, rank, path, the items made of it).
+ItemMemo = dict[str, tuple[torch.Tensor, tuple[object, ...], bool, int, tuple[PathPart, ...], list[TensorItem]]]
+
+
+def _where(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Everything a tensor's items depend on: its local data's place and layout, and placements.
+    Any in-place change of what the items' views show (``.data =``, ``set_``) moves data_ptr."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return (
+        id(local), local.data_ptr(), local.shape, local.stride(), local.storage_offset(), local.dtype, local.device,
+        tensor.shape, getattr(tensor, "placements", None), id(getattr(tensor, "device_mesh", None)),
+    )
+
+
+def _remembered_items(
+    memo: ItemMemo, tensor: torch.Tensor, key: str, path: tuple[PathPart, ...], per_rank: bool, rank: int
+) -> list[TensorItem]:
+    """``_tensor_items``, reused when the same tensor object comes back unchanged under the same
+    key: a stateful object that hands out its live tensors (ModelOptimizerState) keeps ``memo``,
+    so a repeated save of a model skips the layout math for each of its tensors."""
+    where = _where(tensor)
+    known = memo.get(key)
+    if known is not None and known[0] is tensor and known[1:5] == (where, per_rank, rank, path):
+        return known[5]
+    items = _tensor_items(tensor, key, path, per_rank, rank)
+    memo[key] = (tensor, where, per_rank, rank, path, items)
+    return items
 
 
 def _tensor_items(

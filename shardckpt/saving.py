@@ -173,6 +173,9 @@ def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:
     return next(t for n, t in prep.items.items() if n.startswith(f"{name}\0box") and t.box.intersect(w.box) == w.box)
 
 
+# Host replicas smaller than this are digested on the snapshot thread, larger ones on the pool.
+_POOL_HASH_BYTES = 1 << 20
+
 # Host-to-host snapshot copies go in batches of up to this many bytes (DeviceCopier.copy_host).
 _BATCH_BYTES = 64 << 20
 
@@ -203,15 +206,17 @@ def stage(
     for w in prep.agreed.share.writes:
         hit("stage")
         item = _item_for(prep, w)
-        view = (item.local if item.box == w.box else source_view(item.local, item.box, w.box)).detach()
+        # Not detached unless handed on as is: the copies below run without autograd, and a
+        # detach per item was a tenth of a small state's snapshot.
+        view = item.local if item.box == w.box else source_view(item.local, item.box, w.box)
         if not copy_host and view.device.type == "cpu" and view.is_contiguous():
-            yield StagedWrite(w, item.dtype, view)
+            yield StagedWrite(w, item.dtype, view.detach())
             continue
         if staging is None:
             if view.device.type == "cpu" and view.is_contiguous():
-                yield StagedWrite(w, item.dtype, view)
+                yield StagedWrite(w, item.dtype, view.detach())
             else:
-                yield StagedWrite(w, item.dtype, view.to("cpu", copy=True).contiguous())
+                yield StagedWrite(w, item.dtype, view.detach().to("cpu", copy=True).contiguous())
             continue
         nbytes = view.numel() * view.element_size()
         if view.device.type != "cpu" or held + nbytes > _BATCH_BYTES or (
@@ -241,7 +246,9 @@ def replica_hashes(prep: PreparedSave, pool: ThreadPoolExecutor, copier: DeviceC
         return {}
     wanted = prep.agreed.share.replicated
     local = {key: prep.items[key].local for key in wanted}
-    on_host = [key for key, t in local.items() if t.device.type == "cpu"]
+    # Large host replicas are hashed on the pool; small ones (an optimizer's step counts) here,
+    # since handing a tensor of a few bytes to a thread costs more than hashing it.
+    on_host = [key for key, t in local.items() if t.device.type == "cpu" and t.nbytes >= _POOL_HASH_BYTES]
     out = dict(zip(on_host, pool.map(lambda key: replica_digest(local[key]), on_host)))
     copier = copier or DeviceCopier()
     for key, t in local.items():

@@ -110,6 +110,7 @@ class StateRecipe:
         self.model_entries = model_entries  # (name, registered tensor), in the answer's order
         self.optim_entries = optim_entries  # (name, parameter), in optimizer.state order
         self.group_names = group_names  # each param group's parameter names
+        self.flatten_memo: dict[str, object] = {}  # flatten.py's items for these tensors, by key
 
     @classmethod
     def learn(cls, model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict[str, object],

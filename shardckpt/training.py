@@ -98,6 +98,11 @@ class ModelOptimizerState:
         sd["model"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
         return sd
 
+    @property
+    def flatten_memo(self) -> dict[str, object] | None:
+        """Where flatten keeps the save items of this object's tensors while the recipe holds."""
+        return self._recipe.flatten_memo if self._recipe is not None else None
+
     def state_dict_for_save(self) -> dict[str, object]:
         """``state_dict()`` with the registered tensors themselves in place of their ``detach()``:
         a save only reads them. Repeated saves of an unchanged model and optimizer reuse the names

@@ -123,14 +123,16 @@ class DeviceCopier:
         """Copy host tensors into host buffers, in one ``torch._foreach_copy_``: a Python ``copy_``
         per tensor costs tens of microseconds, which for a state of many small tensors (norms,
         biases and their Adam moments) was most of the stall."""
-        torch._foreach_copy_(dsts, srcs)
+        with torch.no_grad():  # sources may be parameters that require grad
+            torch._foreach_copy_(dsts, srcs)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> torch.cuda.Event | None:
         """Copy ``src`` into ``dst``; for a CUDA source, returns the event that marks it done."""
         if src.device.type != "cuda":
-            dst.copy_(src)
+            with torch.no_grad():
+                dst.copy_(src)
             return None
-        with self.ordered(src.device):
+        with self.ordered(src.device), torch.no_grad():
             stream = torch.cuda.current_stream(src.device)
             dst.copy_(src, non_blocking=dst.is_pinned())
             # The source may be freed by the caller once the copy is done, not before.

@@ -74,3 +74,17 @@ def test_shutdown_gives_the_ring_back_and_the_next_save_still_works(tmp_path, ri
     target = {k: torch.empty(v.shape) for k, v in state.items()}
     shardckpt.load(target, tmp_path / "b")
     assert all(torch.equal(target[k], state[k]) for k in state)
+
+
+def test_snapshot_copies_of_parameters_do_not_track_gradients():
+    # stage() hands parameters to the copier undetached: the copies must not join autograd, or
+    # every pooled staging buffer would carry a graph node from then on.
+    from shardckpt.pipeline.staging import DeviceCopier
+
+    param = torch.nn.Parameter(torch.randn(5))
+    bufs = [torch.empty(5), torch.empty(5)]
+    DeviceCopier().copy_host([bufs[0]], [param])
+    DeviceCopier().copy(bufs[1], param)
+    for buf in bufs:
+        assert not buf.requires_grad and buf.grad_fn is None
+        assert torch.equal(buf, param.detach())

@@ -245,3 +245,33 @@ def test_repeated_saves_round_trip(tmp_path):
         assert torch.equal(v, want[k]), k
     got = [v["exp_avg"] for v in fresh.optimizer.state.values()]
     assert all(torch.equal(a, b) for a, b in zip(got, moments, strict=True))
+
+
+def _items(mos: shardckpt.ModelOptimizerState) -> dict[str, object]:
+    from shardckpt.flatten import flatten_state
+
+    tensors, _ = flatten_state({"train": mos}, 0)
+    return {t.key: t for t in tensors}
+
+
+def test_flatten_reuses_the_items_of_unchanged_tensors():
+    mos = _trained()
+    _items(mos)  # learns the recipe (its items are of torch's detached tensors)
+    first = _items(mos)
+    _step(mos.model, mos.optimizer)
+    again = _items(mos)
+    assert again.keys() == first.keys()
+    assert all(again[k] is first[k] for k in first)  # nothing recomputed for a live tensor
+
+
+def test_flatten_sees_data_replaced_under_a_kept_tensor():
+    mos = _trained()
+    _items(mos)
+    _items(mos)
+    mos.model.scale.data = torch.arange(7.0)  # same buffer object, other storage and shape
+    bias = mos.model.body[0].bias
+    bias.data = torch.full((6,), 3.0)
+    items = _items(mos)
+    scale = items["train/model/scale"]
+    assert scale.shape == (7,) and torch.equal(scale.local, torch.arange(7.0))
+    assert torch.equal(items["train/model/body.0.bias"].local, torch.full((6,), 3.0))
