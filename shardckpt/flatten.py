@@ -231,10 +231,12 @@ ItemMemo = dict[str, tuple[torch.Tensor, tuple[object, ...], bool, int, tuple[Pa
 
 def _where(tensor: torch.Tensor) -> tuple[object, ...]:
     """Everything a tensor's items depend on: its local data's place and layout, and placements.
-    Any in-place change of what the items' views show (``.data =``, ``set_``) moves data_ptr."""
+    Any in-place change of what the items' views show (``.data =``, ``set_``) moves data_ptr: the
+    remembered views keep the old storage alive, so no new one can take its address. (Not the
+    local tensor's id: a parameter's ``to_local()`` is a new alias on every call.)"""
     local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
     return (
-        id(local), local.data_ptr(), local.shape, local.stride(), local.storage_offset(), local.dtype, local.device,
+        local.data_ptr(), local.shape, local.stride(), local.storage_offset(), local.dtype, local.device,
         tensor.shape, getattr(tensor, "placements", None), id(getattr(tensor, "device_mesh", None)),
     )
 

@@ -37,6 +37,12 @@ def agree_worker(rank: int, world: int, kind: str) -> list[bool]:
     _train(model, opt, inputs)
     _assert_torch_agrees(mos)
     kept = mos._recipe is recipe
+    from shardckpt.flatten import flatten_state
+
+    first = {t.key: t for t in flatten_state({"train": mos}, rank)[0]}
+    again = {t.key: t for t in flatten_state({"train": mos}, rank)[0]}
+    reused = [k for k in first if again[k] is first[k]]
+    assert reused == list(first), f"items made anew: {sorted(set(first) - set(reused))[:5]}"
     if kind == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
 
