@@ -23,13 +23,22 @@ from shardckpt.format.schema import (
 )
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import plan_reads
-from shardckpt.planning.save_plan import SavePlan
+from shardckpt.planning.save_plan import SavePlan, plan_values
 from shardckpt.storage import Storage
 from shardckpt.storage.faults import hit
 
 log = logging.getLogger(__name__)
 
-RankResult = dict[str, object]  # {"file": name, "size": int, "blocks": [...], "hashes": {key: hex}}
+RankResult = dict[str, object]  # {"file": name, "size": int, "blocks": [...], "hashes": {key: hex}, "values": [...]}
+
+
+def rank_result(
+    file: str | None, size: int, blocks: list[list[object]], hashes: dict[str, str], values: list[list[object]]
+) -> RankResult:
+    """What a rank sends the coordinator after writing: its data file, block records, replica
+    digests and value rows (the index's values come from these: a save that reuses its plan
+    gathers nothing before it writes)."""
+    return {"file": file, "size": size, "blocks": blocks, "hashes": hashes, "values": values}
 
 
 def check_replicas(results: list[RankResult]) -> None:
@@ -72,7 +81,8 @@ def build_index(
         # A save must never commit a tensor with holes: the same check load applies.
         plan_reads(entry, Box.full(spec.shape), "save")
         tensors.append(entry)
-    values = tuple(ValueEntry(v.key, v.path, v.value, v.entry_rank) for v in plan.values)
+    # Checked between ranks before anything was written (plan_exchange.py); raises if not.
+    values = tuple(ValueEntry(v.key, v.path, v.value, v.entry_rank) for v in plan_values(results))
     return CheckpointIndex(save_id, len(results), files, tuple(tensors), values, metadata=dict(metadata))
 
 

@@ -140,6 +140,14 @@ class Comm:
             local, payload = fn()
         except BaseException as e:  # noqa: BLE001 - every failure (SystemExit too) must reach the gather, or peers hang
             error = e
+        return self.settle(what, local, payload, error, typed, to_coordinator)
+
+    def settle(
+        self, what: str, local: T | None, payload: object, error: BaseException | None, typed: bool = False,
+        to_coordinator: bool = False,
+    ) -> tuple[T, list[object]]:
+        """The gather half of ``run``, for a local step that already ran: ``error`` is what it
+        raised on this rank, else None (then ``local`` and ``payload`` are its results)."""
         ok = None if to_coordinator else payload  # with to_coordinator, only the outcome goes to every rank
         mine = {"ok": ok} if error is None else {"error": f"{type(error).__name__}: {error}", "type": type(error).__name__}
         try:
@@ -161,6 +169,27 @@ class Comm:
         if to_coordinator:
             return local, self.gather(payload, what) or []  # type: ignore[return-value]
         return local, [g["ok"] for g in gathered if isinstance(g, dict)]  # type: ignore[return-value]
+
+    def vote(self, ballot: list[int], what: str, error: BaseException | None = None) -> list[int]:
+        """All-reduce (max) of a few integers: one small collective where a gather would take two
+        and move every rank's payload to every rank. ``error`` is this rank's own failure before
+        the vote (its ballot says so): when the collective breaks, that is the error raised."""
+        if self.group is None:
+            return list(ballot)
+        votes = torch.tensor(ballot, dtype=torch.int64)
+        try:
+            hit("vote")
+            if self._side is not None:
+                self._side.allreduce([votes], _max_options()).wait()  # type: ignore[attr-defined]
+            elif dist.get_backend(self.group) == "gloo":
+                dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group)
+            else:  # an NCCL group reduces device tensors only
+                self._gloo_group("reads").allreduce([votes], _max_options()).wait()  # type: ignore[attr-defined]
+        except (RuntimeError, OSError) as e:
+            if error is not None:
+                raise _as_checkpoint_error(error, what, self.rank) from None
+            raise self._lost(what, e) from e
+        return [int(v) for v in votes.tolist()]
 
     def side_group(self) -> Comm:
         """A separate gloo group for work on background threads: collectives of the training job's
@@ -249,6 +278,12 @@ def _registered(group: dist.ProcessGroup) -> bool:
     except (ValueError, RuntimeError):
         return False
     return True
+
+
+def _max_options() -> dist.AllreduceOptions:
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]  # the stubs type the field as the enum wrapper
+    return opts
 
 
 def _gather_bytes_to_root(side: dist.ProcessGroupGloo, data: bytes) -> list[bytes] | None:

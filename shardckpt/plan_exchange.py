@@ -3,22 +3,26 @@
 Planning needs every rank's tensor metadata (keys, shapes, boxes), which grows with ranks times
 tensors, yet a training job saves the same structure over and over. So:
 
-1. Every rank fingerprints its tensor metadata and all-gathers the fingerprint, a token naming the
-   plan it has cached, and its values (small, and they change every save: the step).
-2. When every rank's token names exactly the gathered fingerprints, each rank reuses its cached
-   share of the plan: no metadata moves and nothing is planned.
+1. Every rank votes, in one all-reduce of six integers (``ballot``): whether its own fingerprint
+   is the one its cached plan was made for, which cached plan that is, and a digest of its values
+   that must agree between ranks. When every rank can reuse the same cached plan and the values
+   agree, that is the plan (``by_ballot``): nothing is gathered, and each rank's values reach the
+   coordinator later, with its write results (commit.py builds the index from those).
+2. Otherwise (the first save, a changed structure, a failed rank, values that differ) every rank
+   all-gathers its fingerprint, the token naming its cached plan, and its values (``agree``). When
+   every token names exactly the gathered fingerprints, the cached plans serve.
 3. Otherwise the tensor metadata goes to the coordinator only, which plans and scatters to each
    rank its share: what it writes, which replicas it hashes, and the set of tensor keys.
 
-Every branch is taken from gathered data alone, so all ranks take the same one, and an error of
-planning is raised on every rank.
+Every branch is taken from reduced or gathered data alone, so all ranks take the same one, and an
+error of planning is raised on every rank.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import cast
 
 import xxhash
@@ -29,7 +33,6 @@ from shardckpt.planning.boxes import Box
 from shardckpt.planning.save_plan import (
     RankMeta,
     SavePlan,
-    ValueSpec,
     WriteItem,
     check_value_keys,
     plan_save,
@@ -50,14 +53,15 @@ class Share:
 class Agreed:
     save_id: str
     share: Share
-    values: list[ValueSpec]
-    plan: SavePlan | None  # on the coordinator: the whole plan, with this save's values
+    own_values: list[list[object]]  # this rank's value rows; the index gets them with its write results
+    plan: SavePlan | None  # on the coordinator: the whole plan (its values come from the write results)
     planned: bool  # False when every rank's cached plan served
 
 
 @dataclass(frozen=True)
 class _Cached:
     token: str
+    fps: tuple[str, ...]  # every rank's fingerprint, as the token names them
     share: Share
     plan: SavePlan | None
 
@@ -79,17 +83,64 @@ def cached_token(comm: Comm) -> str | None:
     return cached.token if cached is not None else None
 
 
+def save_id_text(number: int) -> str:
+    """A save id: 16 hex digits of the coordinator's random 63-bit number."""
+    return f"{number:016x}"
+
+
+def ballot(comm: Comm, fp: str | None, own_values: list[list[object]], block_bytes: int, number: int) -> list[int]:
+    """This rank's vote on reusing the cached plan without a gather; ``fp`` is None when this
+    rank failed before voting. Reduced with max over the ranks, ``[cannot, number, t, -t, v, -v]``
+    tells whether any rank cannot, the coordinator's save number, whether every rank holds the same
+    cached plan (t: bits of its token; max(t) == -max(-t) only when all are equal), and whether the
+    values that must agree between ranks do (v: bits of their digest)."""
+    cached = _CACHE.get(_key(comm))
+    can = (
+        fp is not None
+        and cached is not None
+        and len(cached.fps) == comm.world_size
+        and cached.fps[comm.rank] == fp
+        and cached.token == _token(list(cached.fps), block_bytes, comm.world_size)
+        and not any(row[0] in cached.share.tensor_keys for row in own_values)
+    )
+    token = _bits(cached.token) if can and cached is not None else 0
+    shared = _bits(_shared_values_digest(own_values))
+    return [0 if can else 1, number if comm.is_coordinator else 0, token, -token, shared, -shared]
+
+
+def by_ballot(comm: Comm, reduced: list[int], own_values: list[list[object]]) -> Agreed | None:
+    """The cached plan, when the reduced ballots (``ballot``) say every rank may reuse it; else
+    None, and the ranks gather (``agree``)."""
+    cannot, number, token, neg_token, shared, neg_shared = reduced
+    if cannot or token != -neg_token or shared != -neg_shared:
+        return None
+    cached = _CACHE[_key(comm)]
+    return Agreed(save_id_text(number), cached.share, own_values, cached.plan, planned=False)
+
+
+def _bits(hex_digest: str) -> int:
+    return int(hex_digest[:15], 16)  # 60 bits: their negation fits an int64 too
+
+
+def _shared_values_digest(own_values: list[list[object]]) -> str:
+    """What must be equal on every rank: each value's key, path and kind, and the value itself
+    unless it is per-rank (those differ by design)."""
+    rows = [[key, path, per_rank, None if per_rank else value] for key, path, value, per_rank in own_values]
+    return xxhash.xxh3_128_hexdigest(json.dumps(rows, separators=(",", ":")).encode())
+
+
 def agree(comm: Comm, rows: list[list[object]], metas: list[RankMeta], block_bytes: int, what: str) -> Agreed:
     """Decide this save's plan; collective. ``rows`` are this rank's tensor metadata rows;
     ``metas[r]`` is rank r's first-gather payload: ``{"fp", "token", "values", "save_id"}``."""
     save_id = str(metas[0]["save_id"])
-    values = plan_values(metas)  # the same error on every rank: every rank has every value
-    token = _token([str(m["fp"]) for m in metas], block_bytes, comm.world_size)
+    plan_values(metas)  # the same error on every rank: every rank has every value
+    own_values = cast("list[list[object]]", metas[comm.rank]["values"])
+    fps = tuple(str(m["fp"]) for m in metas)
+    token = _token(list(fps), block_bytes, comm.world_size)
     cached = _CACHE.get(_key(comm))
     if cached is not None and all(m["token"] == token for m in metas):
         check_value_keys(cached.share.tensor_keys, metas)
-        whole = replace(cached.plan, values=values) if cached.plan is not None else None
-        return Agreed(save_id, cached.share, values, whole, planned=False)
+        return Agreed(save_id, cached.share, own_values, cached.plan, planned=False)
     _CACHE.pop(_key(comm), None)  # a failed agreement must not leave a stale plan behind
 
     gathered = comm.gather(rows, f"{what}: gathering tensor metadata")
@@ -111,8 +162,8 @@ def agree(comm: Comm, rows: list[list[object]], metas: list[RankMeta], block_byt
             raise error
         raise _error_from(mine, what)
     share = _share(mine)
-    _CACHE[_key(comm)] = _Cached(token, share, plan)
-    return Agreed(save_id, share, values, plan, planned=True)
+    _CACHE[_key(comm)] = _Cached(token, fps, share, plan)
+    return Agreed(save_id, share, own_values, plan, planned=True)
 
 
 def _token(fps: list[str], block_bytes: int, world: int) -> str:

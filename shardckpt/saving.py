@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from shardckpt.commit import RankResult, publish_index, remove_stale_files
+from shardckpt.commit import RankResult, publish_index, rank_result, remove_stale_files
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
 from shardckpt.flatten import TensorItem, flatten_state
@@ -25,7 +25,7 @@ from shardckpt.options import CompressionOptions, staging_budget
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
-from shardckpt.plan_exchange import Agreed, agree, cached_token, fingerprint
+from shardckpt.plan_exchange import Agreed, agree, ballot, by_ballot, cached_token, fingerprint, save_id_text
 from shardckpt.planning.save_plan import RankMeta, WriteItem
 from shardckpt.replica_digest import replica_digest
 from shardckpt.storage import Storage, StorageLock, open_storage
@@ -113,7 +113,7 @@ def prepare_save(
     lock: StorageLock | None = None
     encoded_metadata: dict[str, object] = {}
 
-    def local() -> tuple[list[TensorItem], object]:
+    def local() -> tuple[list[TensorItem], dict[str, object]]:
         nonlocal encoded_metadata, storage, lock
         clock = time.perf_counter()
         if precheck is not None:
@@ -127,23 +127,40 @@ def prepare_save(
             lock.acquire()
         tensors, values = flatten_state(state, comm.rank)
         rows.extend(item.meta() for item in tensors)
-        meta = {
+        meta: dict[str, object] = {
             "fp": fingerprint(rows),
             "token": cached_token(comm),
             "values": [[v.key, list(v.path), v.value, v.per_rank] for v in values],
-            "save_id": secrets.token_hex(8) if comm.is_coordinator else None,
+            "save_id": save_id_text(number) if comm.is_coordinator else None,
         }
         phases["flatten"] = time.perf_counter() - clock  # with opening the storage and the lock
         return tensors, meta
 
     rows: list[list[object]] = []
     phases: dict[str, float] = {}
+    number = secrets.randbits(63) if comm.is_coordinator else 0  # the save id, if this rank coordinates
+    what = f"save to {path}: collecting the state"
     try:
-        tensors, gathered = comm.run(f"save to {path}: collecting the state", local)
+        tensors: list[TensorItem] = []
+        meta: dict[str, object] | None = None
+        error: BaseException | None = None
+        try:
+            tensors, meta = local()
+        except BaseException as e:  # noqa: BLE001 - every rank must learn it (the vote, then the gather)
+            error = e
+        own_values = cast("list[list[object]]", meta["values"]) if meta is not None else []
+        fp = str(meta["fp"]) if meta is not None else None
+        # A repeated save of the same structure agrees in one small all-reduce; anything else
+        # (a failure included) gathers, and the gather raises on every rank (plan_exchange.py).
+        reduced = comm.vote(ballot(comm, fp, own_values, options.block_bytes, number), what, error)
+        agreed = by_ballot(comm, reduced, own_values)
         clock = time.perf_counter()
+        if agreed is None:
+            tensors, gathered = comm.settle(what, tensors, meta, error)
+            clock = time.perf_counter()
+            metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
+            agreed = agree(comm, rows, metas, options.block_bytes, f"save to {path}")
         phases["gather"] = clock - started - phases.get("flatten", 0.0)
-        metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
-        agreed = agree(comm, rows, metas, options.block_bytes, f"save to {path}")
         phases["plan"] = time.perf_counter() - clock
     except BaseException:
         if lock is not None:
@@ -335,7 +352,7 @@ def write_and_commit(
         if not prep.agreed.share.writes:
             for sw in staged:  # nothing to write, but drain the stream
                 pass
-            empty: RankResult = {"file": None, "size": 0, "blocks": [], "hashes": hashes}
+            empty = rank_result(None, 0, [], hashes, prep.agreed.own_values)
             return empty, empty
         out = storage.create(name)
         try:
@@ -347,7 +364,7 @@ def write_and_commit(
             _discard(storage, name)
             raise
         storage.fsync_dir(DATA_DIR, point="data_dir_fsync")
-        result: RankResult = {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
+        result = rank_result(name, size, blocks, hashes, prep.agreed.own_values)
         return result, result
 
     what = f"save to {prep.path}"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from shardckpt.async_save import WriteAndCommit
-from shardckpt.commit import RankResult, publish_index
+from shardckpt.commit import RankResult, publish_index, rank_result
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, RankFailedError
 from shardckpt.format.schema import DATA_DIR, INDEX_NAME
@@ -73,7 +73,7 @@ def _commit(
         if not prep.agreed.share.writes:
             for _ in staged:
                 pass
-            empty: RankResult = {"file": None, "size": 0, "blocks": [], "hashes": hashes}
+            empty = rank_result(None, 0, [], hashes, prep.agreed.own_values)
             return empty, [None, 0]
         out = storage.create(name)
         try:
@@ -83,7 +83,7 @@ def _commit(
         except BaseException:
             out.abort()
             raise
-        result: RankResult = {"file": name, "size": size, "blocks": blocks, "hashes": hashes}
+        result = rank_result(name, size, blocks, hashes, prep.agreed.own_values)
         return result, [name, size]
 
     own, gathered = comm.run(f"{what}: writing data", write)

@@ -10,7 +10,7 @@ least-loaded holder, which keeps the per-rank bytes within one band of each othe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -159,7 +159,7 @@ def _bands(box: Box, holders: int, itemsize: int, block_bytes: int) -> list[Box]
     return bands
 
 
-def plan_values(metas: list[RankMeta]) -> list[ValueSpec]:
+def plan_values(metas: Sequence[RankMeta]) -> list[ValueSpec]:
     """The values to store, from every rank's ``meta["values"]``; raises when a value that is not
     per-rank differs between ranks."""
     out: dict[tuple[str, int | None], ValueSpec] = {}

@@ -27,7 +27,7 @@ from shardckpt.errors import StateMismatchError
 from shardckpt.options import fault_spec
 
 POINTS = (
-    "flatten", "stage", "write", "fsync", "data_dir_fsync", "gather", "index_write", "rename", "dir_fsync",
+    "flatten", "vote", "stage", "write", "fsync", "data_dir_fsync", "gather", "index_write", "rename", "dir_fsync",
     "cleanup", "retention", "torn", "delete", "read",
 )
 ACTIONS = ("eio", "enospc", "exit", "kill")

@@ -134,3 +134,58 @@ def _fail_on(rank: int, world: int, failing: int) -> str:
     except shardckpt.CheckpointError as e:
         return f"{type(e).__name__}: {e}"
     return "ok"
+
+
+def values_on_a_cached_plan(rank: int, world: int, path: str) -> list[object]:
+    # Saves 1 and 2 reuse save 0's plan, agreed by a vote: no gather before the write, so each
+    # rank's values reach the index with its write results.
+    outcomes: list[object] = []
+    for i in range(4):
+        state = {"w": torch.ones(4), "step": i if i < 3 or rank == 0 else 99, "mine": shardckpt.PerRank(10 * i + rank)}
+        try:
+            outcomes.append(shardckpt.save(state, f"{path}/{i}").plan_reused)
+        except shardckpt.CheckpointError as e:
+            outcomes.append(type(e).__name__)
+    loaded = []
+    for i in range(3):
+        target: dict[str, object] = {"w": torch.zeros(4), "step": -1, "mine": shardckpt.PerRank(-1)}
+        shardckpt.load(target, f"{path}/{i}")
+        loaded.append([target["step"], target["mine"].value])  # type: ignore[union-attr]
+    return [outcomes, loaded]
+
+
+def test_values_of_a_save_that_reuses_its_plan(tmp_path):
+    for rank, (outcomes, loaded) in enumerate(run_ranks(2, values_on_a_cached_plan, str(tmp_path))):
+        # Save 3: rank 1's step differs from rank 0's. The vote sees it and the ranks gather, so
+        # every rank raises the same error, before anything is written.
+        assert outcomes == [False, True, True, "ReplicaMismatchError"]
+        assert loaded == [[i, 10 * i + rank] for i in range(3)]
+    assert not (tmp_path / "3").exists() or not (tmp_path / "3" / "index.json").exists()
+
+
+def different_cached_plans(rank: int, world: int, path: str) -> list[bool]:
+    from shardckpt import plan_exchange
+
+    state = {"w": torch.ones(4), "step": 0}
+    reused = [shardckpt.save(state, f"{path}/a").plan_reused]
+    if rank == 1:
+        # This rank's cache names a plan made with another rank 0: its own fingerprint matches,
+        # but the ranks do not hold the same plan, so they must not reuse it.
+        import torch.distributed as dist
+
+        from shardckpt.dist import Comm
+        from shardckpt.options import compression_options
+
+        key = plan_exchange._key(Comm(dist.group.WORLD))
+        cached = plan_exchange._CACHE[key]
+        fps = ("0" * 32, *cached.fps[1:])
+        token = plan_exchange._token(list(fps), compression_options("auto").block_bytes, world)
+        plan_exchange._CACHE[key] = plan_exchange._Cached(token, fps, cached.share, cached.plan)
+    reused.append(shardckpt.save(state, f"{path}/b").plan_reused)
+    reused.append(shardckpt.save(state, f"{path}/c").plan_reused)
+    return reused
+
+
+def test_ranks_holding_different_cached_plans_plan_again(tmp_path):
+    assert run_ranks(2, different_cached_plans, str(tmp_path)) == [[False, False, True]] * 2
+    assert shardckpt.verify(str(tmp_path / "b")).tensors == 1

@@ -26,13 +26,14 @@ pytestmark = pytest.mark.timeout(120)
 
 ROWS, COLS = 64, 48
 # Points reached on every rank, and those only the coordinator (rank 0) reaches.
-EVERY_RANK = ["flatten", "stage", "write", "fsync", "data_dir_fsync", "gather:write", "gather:commit"]
+EVERY_RANK = ["flatten", "vote", "stage", "write", "fsync", "data_dir_fsync", "gather:write", "gather:commit"]
 COORDINATOR = ["index_write", "rename", "dir_fsync"]
 # Which pass of "gather" (counted from the start of the step-2 save) is the write-results gather
-# and which the commit gather: the blocking save also gathers after staging, the manager first
-# runs its housekeeping gather.
+# and which the commit gather. Step 2 reuses step 1's plan, agreed by a vote, so the write's own
+# two gathers (the outcome to every rank, the block records to the coordinator) come first; the
+# manager first runs its housekeeping gather.
 GATHER_NTH = {
-    "save": {"gather:write": 3, "gather:commit": 4},
+    "save": {"gather:write": 2, "gather:commit": 3},
     "async_save": {"gather:write": 2, "gather:commit": 3},
     "manager": {"gather:write": 3, "gather:commit": 4},
 }
