@@ -152,7 +152,12 @@ def prepare_save(
         fp = str(meta["fp"]) if meta is not None else None
         # A repeated save of the same structure agrees in one small all-reduce; anything else
         # (a failure included) gathers, and the gather raises on every rank (plan_exchange.py).
-        reduced = comm.vote(ballot(comm, fp, own_values, options.block_bytes, number), what, error)
+        try:
+            mine = ballot(comm, fp, own_values, options.block_bytes, number)
+        except Exception as e:  # noqa: BLE001 - a rank that cannot vote still votes "cannot", or the peers hang
+            error = error or e
+            mine = [1, 0, 0, 0, 0, 0]
+        reduced = comm.vote(mine, what, error)
         agreed = by_ballot(comm, reduced, own_values)
         clock = time.perf_counter()
         if agreed is None:

@@ -189,3 +189,29 @@ def different_cached_plans(rank: int, world: int, path: str) -> list[bool]:
 def test_ranks_holding_different_cached_plans_plan_again(tmp_path):
     assert run_ranks(2, different_cached_plans, str(tmp_path)) == [[False, False, True]] * 2
     assert shardckpt.verify(str(tmp_path / "b")).tensors == 1
+
+
+def ballot_fails(rank: int, world: int, path: str) -> list[str]:
+    from shardckpt import saving
+
+    outcomes = []
+    for i in range(2):
+        if i == 1 and rank == 1:
+            def broken(*args: object) -> list[int]:
+                raise RuntimeError("ballot box on fire")
+
+            saving.ballot = broken  # type: ignore[assignment]
+        try:
+            shardckpt.save({"w": torch.ones(4), "step": i}, f"{path}/{i}")
+            outcomes.append("ok")
+        except shardckpt.CheckpointError as e:
+            outcomes.append(f"{type(e).__name__}: {e}")
+    return outcomes
+
+
+def test_a_rank_that_cannot_vote_fails_every_rank_without_a_hang(tmp_path):
+    first, second = run_ranks(2, ballot_fails, str(tmp_path), timeout=60)
+    assert first[0] == second[0] == "ok"
+    assert second[1].startswith("CheckpointError") and "ballot box on fire" in second[1]
+    assert first[1].startswith("RankFailedError") and "rank(s) [1]" in first[1]
+    assert not (tmp_path / "1" / "index.json").exists()
