@@ -21,6 +21,7 @@ error of planning is raised on every rank.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -29,6 +30,7 @@ import xxhash
 
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, RankFailedError, ReplicaMismatchError, StateMismatchError
+from shardckpt.flatten import TensorItem
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.save_plan import (
     RankMeta,
@@ -70,6 +72,24 @@ class _Cached:
 # a group that reuses a dead one's id gets a different token unless its metadata is the same, and
 # a plan is a pure function of the metadata.
 _CACHE: dict[tuple[int, int], _Cached] = {}
+
+
+# The last save's items (weakly), their metadata rows and fingerprint: a state whose items are
+# the same objects again (ModelOptimizerState keeps them, flatten.py) needs neither recomputed.
+_LAST_ROWS: tuple[list[weakref.ref[TensorItem]], list[list[object]], str] | None = None
+
+
+def metadata_rows(items: Sequence[TensorItem]) -> tuple[list[list[object]], str]:
+    """(each item's metadata row, their fingerprint). Items never change once made, so the same
+    item objects give the same rows."""
+    global _LAST_ROWS
+    last = _LAST_ROWS
+    if last is not None and len(last[0]) == len(items) and all(r() is t for r, t in zip(last[0], items)):
+        return last[1], last[2]
+    rows = [item.meta() for item in items]
+    fp = fingerprint(rows)
+    _LAST_ROWS = ([weakref.ref(t) for t in items], rows, fp)
+    return rows, fp
 
 
 def fingerprint(rows: Sequence[object]) -> str:

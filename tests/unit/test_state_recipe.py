@@ -275,3 +275,19 @@ def test_flatten_sees_data_replaced_under_a_kept_tensor():
     scale = items["train/model/scale"]
     assert scale.shape == (7,) and torch.equal(scale.local, torch.arange(7.0))
     assert torch.equal(items["train/model/body.0.bias"].local, torch.full((6,), 3.0))
+
+
+def test_metadata_rows_are_reused_only_for_the_same_items():
+    from shardckpt.flatten import flatten_state
+    from shardckpt.plan_exchange import fingerprint, metadata_rows
+
+    mos = _trained()
+    _items(mos)
+    first, _ = flatten_state({"train": mos}, 0)
+    rows, fp = metadata_rows(first)
+    again, _ = flatten_state({"train": mos}, 0)
+    assert metadata_rows(again)[0] is rows  # the same items: nothing recomputed
+    mos.model.scale.data = torch.arange(7.0)  # one item is made anew, with another shape
+    changed, _ = flatten_state({"train": mos}, 0)
+    new_rows, new_fp = metadata_rows(changed)
+    assert new_rows == [t.meta() for t in changed] and new_fp == fingerprint(new_rows) != fp
