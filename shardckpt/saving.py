@@ -25,7 +25,7 @@ from shardckpt.options import CompressionOptions, staging_budget
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
-from shardckpt.plan_exchange import Agreed, agree, ballot, by_ballot, cached_token, fingerprint, save_id_text
+from shardckpt.plan_exchange import Agreed, agree, ballot, by_ballot, cached_token, metadata_rows, save_id_text
 from shardckpt.planning.save_plan import RankMeta, WriteItem
 from shardckpt.replica_digest import replica_digest
 from shardckpt.storage import Storage, StorageLock, open_storage
@@ -126,9 +126,10 @@ def prepare_save(
             lock = storage.lock("save")
             lock.acquire()
         tensors, values = flatten_state(state, comm.rank)
-        rows.extend(item.meta() for item in tensors)
+        own_rows, fp = metadata_rows(tensors)
+        rows.extend(own_rows)
         meta: dict[str, object] = {
-            "fp": fingerprint(rows),
+            "fp": fp,
             "token": cached_token(comm),
             "values": [[v.key, list(v.path), v.value, v.per_rank] for v in values],
             "save_id": save_id_text(number) if comm.is_coordinator else None,
@@ -231,24 +232,25 @@ def stage(
         # Not detached unless handed on as is: the copies below run without autograd, and a
         # detach per item was a tenth of a small state's snapshot.
         view = item.local if item.box == w.box else source_view(item.local, item.box, w.box)
-        if not copy_host and view.device.type == "cpu" and view.is_contiguous():
+        device = view.device.type  # once: each .device builds a torch.device
+        if not copy_host and device == "cpu" and view.is_contiguous():
             yield StagedWrite(w, item.dtype, view.detach())
             continue
         if staging is None:
-            if view.device.type == "cpu" and view.is_contiguous():
+            if device == "cpu" and view.is_contiguous():
                 yield StagedWrite(w, item.dtype, view.detach())
             else:
                 yield StagedWrite(w, item.dtype, view.detach().to("cpu", copy=True).contiguous())
             continue
         nbytes = view.numel() * view.element_size()
-        if view.device.type != "cpu" or held + nbytes > _BATCH_BYTES or (
+        if device != "cpu" or held + nbytes > _BATCH_BYTES or (
             staging.budget is not None and held + nbytes > staging.budget
         ):
             # Hand the batch on before waiting for more buffers: the pool may only free them once
             # the writers have these.
             yield from flush()
-        buf = staging.acquire(view.dtype, tuple(view.shape), pin=view.device.type == "cuda")
-        if view.device.type == "cpu":
+        buf = staging.acquire(view.dtype, tuple(view.shape), pin=device == "cuda")
+        if device == "cpu":
             batch.append(StagedWrite(w, item.dtype, buf, None, pooled=True))
             sources.append(view)
             held += nbytes
