@@ -230,7 +230,7 @@ class Comm:
 
     def _gloo_group(self, purpose: str) -> dist.ProcessGroupGloo:
         """A gloo group over the job group's ranks for ``purpose`` ("side": background gathers;
-        "reads": read_once's exchange in an NCCL job), created once per job group (collective the
+        "reads": read_once's exchange and the save vote in an NCCL job), created once per job group (collective the
         first time) under a fresh random key prefix (see ``side_group``)."""
         assert self.group is not None
         key = (id(self.group), purpose)

@@ -229,8 +229,9 @@ def _walk(
 ItemMemo = dict[str, tuple[torch.Tensor, tuple[object, ...], bool, int, tuple[PathPart, ...], list[TensorItem]]]
 
 
-def _where(tensor: torch.Tensor) -> tuple[object, ...]:
-    """Everything a tensor's items depend on: its local data's place and layout, and placements.
+def data_place(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Everything a tensor's items depend on: its local data's place and layout, and placements
+    (equal for a parameter and its ``detach()``).
     Any in-place change of what the items' views show (``.data =``, ``set_``) moves data_ptr: the
     remembered views keep the old storage alive, so no new one can take its address. (Not the
     local tensor's id: a parameter's ``to_local()`` is a new alias on every call.)"""
@@ -247,7 +248,7 @@ def _remembered_items(
     """``_tensor_items``, reused when the same tensor object comes back unchanged under the same
     key: a stateful object that hands out its live tensors (ModelOptimizerState) keeps ``memo``,
     so a repeated save of a model skips the layout math for each of its tensors."""
-    where = _where(tensor)
+    where = data_place(tensor)
     known = memo.get(key)
     if known is not None and known[0] is tensor and known[1:5] == (where, per_rank, rank, path):
         return known[5]

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from shardckpt.flatten import ItemMemo, data_place
+
 # FSDP2 registers this pre-hook on each module that holds sharded parameters: it reshards them
 # before a state_dict. A structure check covers it: unsharded parameters are other objects.
 _FSDP2_HOOK = "FSDPParamGroup._register_state_dict_hooks.<locals>.to_sharded_hook"
@@ -93,13 +95,6 @@ def _plain_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _where(t: torch.Tensor) -> tuple[object, ...]:
-    """The bytes a tensor shows: equal for a parameter and its ``detach()``."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    placements = getattr(t, "placements", None)
-    return (t.dtype, tuple(t.shape), local.data_ptr(), tuple(local.stride()), local.storage_offset(), placements)
-
-
 class StateRecipe:
     """The names of one ``get_state_dict(model, optimizer)`` answer, for as long as the structure
     they came from is unchanged."""
@@ -110,7 +105,7 @@ class StateRecipe:
         self.model_entries = model_entries  # (name, registered tensor), in the answer's order
         self.optim_entries = optim_entries  # (name, parameter), in optimizer.state order
         self.group_names = group_names  # each param group's parameter names
-        self.flatten_memo: dict[str, object] = {}  # flatten.py's items for these tensors, by key
+        self.flatten_memo: ItemMemo = {}  # flatten.py's items for these tensors, by key
 
     @classmethod
     def learn(cls, model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict[str, object],
@@ -134,7 +129,7 @@ class StateRecipe:
         model_entries: list[tuple[str, torch.Tensor]] = []
         for name, value in msd.items():
             tensor = registered.get(name)
-            if tensor is None or not isinstance(value, torch.Tensor) or _where(value) != _where(tensor):
+            if tensor is None or not isinstance(value, torch.Tensor) or data_place(value) != data_place(tensor):
                 return None
             model_entries.append((name, tensor))
         state, groups = osd.get("state"), osd.get("param_groups")

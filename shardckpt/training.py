@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.flatten import PerRank
+from shardckpt.flatten import ItemMemo, PerRank
 from shardckpt.state_recipe import StateRecipe
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class ModelOptimizerState:
         return sd
 
     @property
-    def flatten_memo(self) -> dict[str, object] | None:
+    def flatten_memo(self) -> ItemMemo | None:
         """Where flatten keeps the save items of this object's tensors while the recipe holds."""
         return self._recipe.flatten_memo if self._recipe is not None else None
 

@@ -48,6 +48,8 @@ class ValueSpec:
 @dataclass
 class SavePlan:
     tensors: list[TensorSpec]
+    # The values of the save that made the plan. A plan is reused by later saves, so the index
+    # takes each save's own values from its write results instead (commit.build_index).
     values: list[ValueSpec]
     writes: dict[int, list[WriteItem]] = field(default_factory=dict)
 
