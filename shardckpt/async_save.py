@@ -36,6 +36,7 @@ from shardckpt.saving import (
     prepare_save,
     replica_hashes,
     result_of,
+    settle_vote,
     stage,
     write_and_commit,
 )
@@ -148,8 +149,12 @@ class AsyncSaver:
             if unseen is not None:
                 raise unseen
 
+        # The plan is taken ahead of its vote, which then travels while the snapshot copies:
+        # not in lazy mode (the copy runs on after this returns) nor under a staging budget
+        # (the writers may have to start before the snapshot ends, and must know the plan).
         prep = prepare_save(
-            state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck, s3=s3
+            state, path, self.comm, compression_options(compression), check_replicas, metadata, precheck, s3=s3,
+            speculate=not lazy and self.staging.budget is None,
         )
         prep.background = True
         feed: queue.Queue[object] = queue.Queue()
@@ -241,11 +246,24 @@ class AsyncSaver:
         try:
             t = time.perf_counter()
             self.copier.after(start)  # type: ignore[arg-type]
-            for sw in stage(prep, self.staging, self.copier):
-                feed.put(sw)
-            self.copier.sync()
+            try:
+                self._stage(prep, feed)
+            except BaseException as e:
+                settle_vote(prep, e)  # a gather the vote calls for must have this rank, failed or not
+                raise
+            waited = time.perf_counter()
+            stands = settle_vote(prep)
+            waited = time.perf_counter() - waited  # the gather and plan phases, not the snapshot's
+            if not stands:
+                # The ranks planned anew: what was staged follows the old plan. Nothing has read
+                # it yet (the writers start after the snapshot); hand it back and stage again.
+                while not feed.empty():
+                    sw = feed.get_nowait()
+                    if isinstance(sw, StagedWrite) and sw.pooled:
+                        self.staging.release(sw.data)
+                self._stage(prep, feed)
             hashes.update(replica_hashes(prep, self.writers, self.copier))
-            prep.phases["snapshot"] = time.perf_counter() - t
+            prep.phases["snapshot"] = time.perf_counter() - t - waited
             if check is not None:
                 check()  # before _END: a failed check means nothing is committed
             if stall is not None:
@@ -254,6 +272,11 @@ class AsyncSaver:
         except BaseException as e:
             feed.put(e)  # a second copy from save() is harmless: the reader stops at the first
             raise
+
+    def _stage(self, prep: PreparedSave, feed: queue.Queue[object]) -> None:
+        for sw in stage(prep, self.staging, self.copier):
+            feed.put(sw)
+        self.copier.sync()
 
     def _background(
         self,
@@ -288,6 +311,9 @@ class AsyncSaver:
                     yield got
 
         try:
+            if prep.abandoned is not None:
+                # Every rank raised before writing: no rank comes to the write gather.
+                raise CheckpointError(f"save to {prep.path} failed before writing: {prep.abandoned}") from prep.abandoned
             done = write(prep, items(), hashes, self.side, self.writers, release)
             result = result_of(prep, done, stall.seconds, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - delivered through the handle

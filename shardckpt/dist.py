@@ -174,22 +174,29 @@ class Comm:
         """All-reduce (max) of a few integers: one small collective where a gather would take two
         and move every rank's payload to every rank. ``error`` is this rank's own failure before
         the vote (its ballot says so): when the collective breaks, that is the error raised."""
-        if self.group is None:
-            return list(ballot)
+        return self.vote_start(ballot, what, error).result()
+
+    def vote_start(self, ballot: list[int], what: str, error: BaseException | None = None) -> PendingVote:
+        """``vote``, started: the caller may work while the ballots travel, and must call
+        ``result()`` before its next collective on this group."""
         votes = torch.tensor(ballot, dtype=torch.int64)
+        if self.group is None:
+            return PendingVote(self, votes, None, what, error)
         try:
             hit("vote")
             if self._side is not None:
-                self._side.allreduce([votes], _max_options()).wait()  # type: ignore[attr-defined]
+                work = self._side.allreduce([votes], _max_options())  # type: ignore[attr-defined]
             elif dist.get_backend(self.group) == "gloo":
-                dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group)
+                work = dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
             else:  # an NCCL group reduces device tensors only
-                self._gloo_group("reads").allreduce([votes], _max_options()).wait()  # type: ignore[attr-defined]
+                work = self._gloo_group("reads").allreduce([votes], _max_options())  # type: ignore[attr-defined]
         except (RuntimeError, OSError) as e:
-            if error is not None:
-                raise _as_checkpoint_error(error, what, self.rank) from None
-            raise self._lost(what, e) from e
-        return [int(v) for v in votes.tolist()]
+            raise self._vote_failure(e, what, error) from (None if error is not None else e)
+        return PendingVote(self, votes, work, what, error)
+
+    def _vote_failure(self, e: BaseException, what: str, error: BaseException | None) -> BaseException:
+        """This rank's own failure when it had one (the broken vote is only its echo), else the loss."""
+        return _as_checkpoint_error(error, what, self.rank) if error is not None else self._lost(what, e)
 
     def side_group(self) -> Comm:
         """A separate gloo group for work on background threads: collectives of the training job's
@@ -261,6 +268,28 @@ _PLAIN_ERRORS: dict[str, type[CheckpointError]] = {
 # (job group id, purpose) -> (job group, a gloo group of shardckpt's own over its ranks); the job
 # group is kept so that its id is not reused while the entry lives.
 _GLOO_GROUPS: dict[tuple[int, str], tuple[dist.ProcessGroup, dist.ProcessGroupGloo]] = {}
+
+
+class PendingVote:
+    """A vote in flight (``Comm.vote_start``)."""
+
+    def __init__(self, comm: Comm, votes: torch.Tensor, work: dist.Work | None, what: str,
+                 error: BaseException | None) -> None:
+        self._comm, self._votes, self._work, self._what, self._error = comm, votes, work, what, error
+        self._failure: BaseException | None = None
+
+    def result(self) -> list[int]:
+        """The reduced ballots; waits for them. A broken collective raises, now and on every later call."""
+        work, self._work = self._work, None
+        if work is not None:
+            try:
+                work.wait()
+            except (RuntimeError, OSError) as e:
+                self._failure = self._comm._vote_failure(e, self._what, self._error)
+                raise self._failure from (None if self._error is not None else e)
+        if self._failure is not None:
+            raise self._failure
+        return [int(v) for v in self._votes.tolist()]
 
 
 def _forget_destroyed_groups() -> None:

@@ -138,6 +138,13 @@ def by_ballot(comm: Comm, reduced: list[int], own_values: list[list[object]]) ->
     return Agreed(save_id_text(number), cached.share, own_values, cached.plan, planned=False)
 
 
+def assumed(comm: Comm, own_values: list[list[object]]) -> Agreed:
+    """The cached plan, taken before the vote on it returns (its save id is not known yet). Only
+    for a rank whose own ballot says it can reuse it."""
+    cached = _CACHE[_key(comm)]
+    return Agreed("", cached.share, own_values, cached.plan, planned=False)
+
+
 def _bits(hex_digest: str) -> int:
     return int(hex_digest[:15], 16)  # 60 bits: their negation fits an int64 too
 

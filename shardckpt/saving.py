@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from shardckpt.commit import RankResult, publish_index, rank_result, remove_stale_files
-from shardckpt.dist import Comm
+from shardckpt.dist import Comm, PendingVote
 from shardckpt.errors import CheckpointError, CheckpointIOError, CommunicationError, RankFailedError
 from shardckpt.flatten import TensorItem, flatten_state
 from shardckpt.format.schema import DATA_DIR
@@ -25,7 +25,16 @@ from shardckpt.options import CompressionOptions, staging_budget
 from shardckpt.pipeline.datafile import data_file_name, encode_header
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite, finish_data, source_view, write_blocks
-from shardckpt.plan_exchange import Agreed, agree, ballot, by_ballot, cached_token, metadata_rows, save_id_text
+from shardckpt.plan_exchange import (
+    Agreed,
+    agree,
+    assumed,
+    ballot,
+    by_ballot,
+    cached_token,
+    metadata_rows,
+    save_id_text,
+)
 from shardckpt.planning.save_plan import RankMeta, WriteItem
 from shardckpt.replica_digest import replica_digest
 from shardckpt.storage import Storage, StorageLock, open_storage
@@ -51,7 +60,8 @@ class SaveResult:
     total_seconds: float
     rank_bytes_raw: int
     rank_bytes_stored: int
-    # This rank's seconds per phase: flatten, gather (the first collective), plan (agreeing on the
+    # This rank's seconds per phase: flatten, gather (waiting for the first collective: with
+    # async_save's plan taken ahead of its vote, only what the snapshot did not hide), plan (agreeing on the
     # plan), snapshot, write (encode, append, fsync, the write gather), commit.
     phases: dict[str, float] = field(default_factory=dict)
     plan_reused: bool = False  # every rank reused the plan of the previous save (plan_exchange)
@@ -81,6 +91,8 @@ class PreparedSave:
     started: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=dict)  # seconds, as SaveResult.phases
     background: bool = False  # written beside the training loop (async_save): its CPU time is priced
+    vote: OpenVote | None = None  # still in flight: ``agreed`` is the plan it is expected to confirm
+    abandoned: BaseException | None = None  # failed on every rank before writing (settle_vote)
 
     def release(self) -> None:
         try:
@@ -99,8 +111,12 @@ def prepare_save(
     metadata: Mapping[str, object] | None = None,
     precheck: Callable[[], None] | None = None,
     s3: S3Options | None = None,
+    speculate: bool = False,
 ) -> PreparedSave:
     """Flatten the state on every rank, gather the metadata, and plan who writes what.
+
+    With ``speculate``, a rank that can reuse its cached plan takes it without waiting for the
+    vote's outcome: the vote travels while the caller stages, and ``settle_vote`` confirms it.
 
     ``path`` is a directory or a URL (``open_storage``), opened inside the gather: a scheme with
     no backend, or a client that cannot be configured, fails every rank before anything is written.
@@ -158,16 +174,10 @@ def prepare_save(
         except Exception as e:  # noqa: BLE001 - a rank that cannot vote still votes "cannot", or the peers hang
             error = error or e
             mine = [1, 0, 0, 0, 0, 0]
-        reduced = comm.vote(mine, what, error)
-        agreed = by_ballot(comm, reduced, own_values)
-        clock = time.perf_counter()
-        if agreed is None:
-            tensors, gathered = comm.settle(what, tensors, meta, error)
-            clock = time.perf_counter()
-            metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
-            agreed = agree(comm, rows, metas, options.block_bytes, f"save to {path}")
-        phases["gather"] = clock - started - phases.get("flatten", 0.0)
-        phases["plan"] = time.perf_counter() - clock
+        opened = OpenVote(comm, comm.vote_start(mine, what, error), tensors, meta, rows, what, f"save to {path}")
+        vote = opened if speculate and error is None and not mine[0] else None
+        # Speculating, the cached plan serves until settle_vote confirms it after the snapshot.
+        agreed = assumed(comm, own_values) if vote is not None else opened.decide(error, options.block_bytes, phases)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -182,8 +192,58 @@ def prepare_save(
         items[name if name not in items else f"{name}\0box{len(items)}"] = t
     return PreparedSave(
         storage.location, storage, comm, options, agreed.save_id, agreed, items, check_replicas, encoded_metadata,
-        lock, started, phases,
+        lock, started, phases, vote=vote,
     )
+
+
+@dataclass
+class OpenVote:
+    """A save's vote on its plan (plan_exchange.ballot), and what the gather needs if it fails."""
+
+    comm: Comm
+    pending: PendingVote
+    tensors: list[TensorItem]
+    meta: dict[str, object] | None  # this rank's first-gather payload (None: local() failed)
+    rows: list[list[object]]
+    what: str
+    save: str  # "save to <path>", for planning's messages
+
+    def decide(self, error: BaseException | None, block_bytes: int, phases: dict[str, float]) -> Agreed:
+        """The plan: the cached one when the vote says every rank may reuse it, else gathered and
+        made anew (and ``error``, this rank's own failure, raised on every rank). Collective."""
+        comm, entered = self.comm, time.perf_counter()
+        own_values = cast("list[list[object]]", self.meta["values"]) if self.meta is not None else []
+        agreed = by_ballot(comm, self.pending.result(), own_values)
+        clock = time.perf_counter()
+        if agreed is None:
+            _, gathered = comm.settle(self.what, self.tensors, self.meta, error)
+            clock = time.perf_counter()
+            metas = cast("list[RankMeta]", gathered)  # every rank's ``meta`` dict from local()
+            agreed = agree(comm, self.rows, metas, block_bytes, self.save)
+        phases["gather"] = clock - entered
+        phases["plan"] = time.perf_counter() - clock
+        return agreed
+
+
+def settle_vote(prep: PreparedSave, error: BaseException | None = None) -> bool:
+    """Confirm the plan that a save with its vote still open (``prepare_save(speculate=True)``)
+    was staged with. True when it stands; False when the ranks planned anew (stage again).
+
+    ``error``: this rank failed while staging. When every rank could reuse the plan, that error
+    goes on to the write gather as any staging failure does; otherwise the ranks gather here, and
+    every rank raises. Whatever raises here raised on every rank before any wrote: the save is
+    then ``abandoned``, and its background ends without a collective."""
+    vote, prep.vote = prep.vote, None
+    if vote is None:
+        return True
+    staged = prep.agreed.share
+    try:
+        agreed = vote.decide(error, prep.options.block_bytes, prep.phases)
+    except BaseException as e:
+        prep.abandoned = e
+        raise
+    prep.agreed, prep.save_id = agreed, agreed.save_id
+    return agreed.share is staged
 
 
 def _item_for(prep: PreparedSave, w: WriteItem) -> TensorItem:

@@ -215,3 +215,113 @@ def test_a_rank_that_cannot_vote_fails_every_rank_without_a_hang(tmp_path):
     assert second[1].startswith("CheckpointError") and "ballot box on fire" in second[1]
     assert first[1].startswith("RankFailedError") and "rank(s) [1]" in first[1]
     assert not (tmp_path / "1" / "index.json").exists()
+
+
+# An async save takes its cached plan before the vote on it returns and stages with it; the vote
+# is settled after the snapshot (saving.settle_vote). These three break that bet on purpose.
+
+
+def _uneven_state(rank: int, step: int, grown: bool) -> dict[str, object]:
+    # Planning gives the replicated "w" (48 bytes) to the less loaded rank, after the larger
+    # per-rank tensors: rank 1 while its "a" is smaller than rank 0's, rank 0 once it grows.
+    size = 25 if rank == 0 else (250 if grown else 2)
+    return {
+        "w": torch.arange(12.0).reshape(4, 3) + step,
+        "a": shardckpt.PerRank(torch.full((size,), float(10 * step + rank))),
+        "step": step,
+    }
+
+
+def staged_ahead_then_replanned(rank: int, world: int, path: str) -> list[object]:
+    import importlib
+
+    async_save = importlib.import_module("shardckpt.async_save")  # the module, not the function
+    ahead: list[bool] = []  # per stage() call: was the vote still open (the plan not yet confirmed)?
+    real_stage = async_save.stage
+
+    def stage(prep, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ahead.append(prep.vote is not None)
+        return real_stage(prep, *args, **kwargs)
+
+    async_save.stage = stage  # type: ignore[assignment]
+    reused = []
+    for step in range(4):
+        state = _uneven_state(rank, step, grown=step >= 2)
+        reused.append(shardckpt.async_save(state, f"{path}/{step}").wait(timeout=60).plan_reused)
+    loaded = []
+    for step in range(4):
+        target = _uneven_state(rank, -1, grown=step >= 2)
+        shardckpt.load(target, f"{path}/{step}")
+        expected = _uneven_state(rank, step, grown=step >= 2)
+        loaded.append(
+            torch.equal(target["w"], expected["w"])  # type: ignore[arg-type]
+            and torch.equal(target["a"].value, expected["a"].value)  # type: ignore[union-attr]
+            and target["step"] == step
+        )
+    return [reused, loaded, ahead]
+
+
+def test_an_async_save_staged_with_a_plan_the_vote_rejects_stages_again(tmp_path):
+    # Save 2: rank 0's structure is unchanged, so it stages with the cached plan, in which rank 1
+    # writes "w". Rank 1's grew: the ranks plan anew and "w" moves to rank 0, which must stage
+    # again (with the old staging, "w" of step 2 would be missing or step 1's).
+    first, second = run_ranks(2, staged_ahead_then_replanned, str(tmp_path))
+    for reused, loaded, _ in (first, second):
+        assert reused == [False, True, False, True]
+        assert loaded == [True] * 4
+    # Save 0 has no cached plan; rank 1 cannot reuse it in save 2; rank 0 stages save 2 twice.
+    assert first[2] == [False, True, True, False, True]
+    assert second[2] == [False, True, False, True]
+    for step in range(4):
+        assert shardckpt.verify(str(tmp_path / str(step))).tensors == 3
+
+
+def peer_fails_before_the_vote(rank: int, world: int, path: str) -> list[str]:
+    outcomes = []
+    for step in range(3):
+        state: dict[str, object] = {"w": torch.ones(4) * step, "step": step}
+        if step == 1 and rank == 1:
+            state["bad"] = {1, 2}  # a set cannot be stored: this rank fails while flattening
+        try:
+            shardckpt.async_save(state, f"{path}/{step}").wait(timeout=60)
+            outcomes.append("ok")
+        except shardckpt.CheckpointError as e:
+            outcomes.append(type(e).__name__)
+    return outcomes
+
+
+def test_a_rank_failing_while_its_peer_stages_ahead_of_the_vote_fails_both_without_a_hang(tmp_path):
+    # Rank 0 stages save 1 ahead of its vote, which then says rank 1 failed: both raise, and
+    # rank 0's background must not wait in a write gather that rank 1 never joins.
+    first, second = run_ranks(2, peer_fails_before_the_vote, str(tmp_path), timeout=90)
+    assert first == ["ok", "RankFailedError", "ok"]
+    assert second == ["ok", "StateMismatchError", "ok"]
+    assert not (tmp_path / "1" / "index.json").exists()
+    assert shardckpt.verify(str(tmp_path / "2")).tensors == 1
+
+
+def staging_fails_while_the_vote_replans(rank: int, world: int, path: str) -> list[str]:
+    from shardckpt.storage import faults
+
+    outcomes = []
+    for step in range(4):
+        state = _uneven_state(rank, step, grown=step >= 2)
+        if step == 2 and rank == 0:
+            faults.configure("stage:1:eio")
+        try:
+            shardckpt.async_save(state, f"{path}/{step}").wait(timeout=60)
+            outcomes.append("ok")
+        except shardckpt.CheckpointError as e:
+            outcomes.append(type(e).__name__)
+        faults.configure("")
+    return outcomes
+
+
+def test_a_staging_failure_ahead_of_a_vote_that_replans_joins_the_gather(tmp_path):
+    # Save 2: rank 0 stages ahead of the vote and fails; rank 1's structure changed, so the vote
+    # calls for a gather. Rank 0 must bring its failure there, not to the write gather.
+    first, second = run_ranks(2, staging_fails_while_the_vote_replans, str(tmp_path), timeout=90)
+    assert first[2] != "ok" and second[2] == "RankFailedError"
+    assert first[:2] == second[:2] == ["ok", "ok"] and first[3] == second[3] == "ok"
+    assert not (tmp_path / "2" / "index.json").exists()
+    assert shardckpt.verify(str(tmp_path / "3")).tensors == 3
