@@ -275,7 +275,8 @@ class PendingVote:
 
     def __init__(self, comm: Comm, votes: torch.Tensor, work: dist.Work | None, what: str,
                  error: BaseException | None) -> None:
-        self._comm, self._votes, self._work, self._what, self._error = comm, votes, work, what, error
+        self.comm = comm  # the group it runs on
+        self._votes, self._work, self._what, self._error = votes, work, what, error
         self._failure: BaseException | None = None
 
     def result(self) -> list[int]:
@@ -285,7 +286,7 @@ class PendingVote:
             try:
                 work.wait()
             except (RuntimeError, OSError) as e:
-                self._failure = self._comm._vote_failure(e, self._what, self._error)
+                self._failure = self.comm._vote_failure(e, self._what, self._error)
                 raise self._failure from (None if self._error is not None else e)
         if self._failure is not None:
             raise self._failure

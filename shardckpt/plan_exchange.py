@@ -134,15 +134,14 @@ def by_ballot(comm: Comm, reduced: list[int], own_values: list[list[object]]) ->
     cannot, number, token, neg_token, shared, neg_shared = reduced
     if cannot or token != -neg_token or shared != -neg_shared:
         return None
-    cached = _CACHE[_key(comm)]
-    return Agreed(save_id_text(number), cached.share, own_values, cached.plan, planned=False)
+    return assumed(comm, own_values, save_id_text(number))
 
 
-def assumed(comm: Comm, own_values: list[list[object]]) -> Agreed:
-    """The cached plan, taken before the vote on it returns (its save id is not known yet). Only
-    for a rank whose own ballot says it can reuse it."""
+def assumed(comm: Comm, own_values: list[list[object]], save_id: str = "") -> Agreed:
+    """The cached plan. Without ``save_id``: taken before the vote on it returns (which names the
+    save), by a rank whose own ballot says it can reuse it."""
     cached = _CACHE[_key(comm)]
-    return Agreed("", cached.share, own_values, cached.plan, planned=False)
+    return Agreed(save_id, cached.share, own_values, cached.plan, planned=False)
 
 
 def _bits(hex_digest: str) -> int:

@@ -82,7 +82,6 @@ class PreparedSave:
     storage: Storage
     comm: Comm
     options: CompressionOptions
-    save_id: str
     agreed: Agreed  # this rank's share of the plan; the whole plan on the coordinator
     items: dict[str, TensorItem]
     check_replicas: bool
@@ -93,6 +92,10 @@ class PreparedSave:
     background: bool = False  # written beside the training loop (async_save): its CPU time is priced
     vote: OpenVote | None = None  # still in flight: ``agreed`` is the plan it is expected to confirm
     abandoned: BaseException | None = None  # failed on every rank before writing (settle_vote)
+
+    @property
+    def save_id(self) -> str:
+        return self.agreed.save_id
 
     def release(self) -> None:
         try:
@@ -174,7 +177,7 @@ def prepare_save(
         except Exception as e:  # noqa: BLE001 - a rank that cannot vote still votes "cannot", or the peers hang
             error = error or e
             mine = [1, 0, 0, 0, 0, 0]
-        opened = OpenVote(comm, comm.vote_start(mine, what, error), tensors, meta, rows, what, f"save to {path}")
+        opened = OpenVote(comm.vote_start(mine, what, error), tensors, meta, rows, what, f"save to {path}")
         vote = opened if speculate and error is None and not mine[0] else None
         # Speculating, the cached plan serves until settle_vote confirms it after the snapshot.
         agreed = assumed(comm, own_values) if vote is not None else opened.decide(error, options.block_bytes, phases)
@@ -191,7 +194,7 @@ def prepare_save(
         # A strided shard's second and later boxes (flatten.py): named apart, found by _item_for.
         items[name if name not in items else f"{name}\0box{len(items)}"] = t
     return PreparedSave(
-        storage.location, storage, comm, options, agreed.save_id, agreed, items, check_replicas, encoded_metadata,
+        storage.location, storage, comm, options, agreed, items, check_replicas, encoded_metadata,
         lock, started, phases, vote=vote,
     )
 
@@ -200,7 +203,6 @@ def prepare_save(
 class OpenVote:
     """A save's vote on its plan (plan_exchange.ballot), and what the gather needs if it fails."""
 
-    comm: Comm
     pending: PendingVote
     tensors: list[TensorItem]
     meta: dict[str, object] | None  # this rank's first-gather payload (None: local() failed)
@@ -211,7 +213,7 @@ class OpenVote:
     def decide(self, error: BaseException | None, block_bytes: int, phases: dict[str, float]) -> Agreed:
         """The plan: the cached one when the vote says every rank may reuse it, else gathered and
         made anew (and ``error``, this rank's own failure, raised on every rank). Collective."""
-        comm, entered = self.comm, time.perf_counter()
+        comm, entered = self.pending.comm, time.perf_counter()
         own_values = cast("list[list[object]]", self.meta["values"]) if self.meta is not None else []
         agreed = by_ballot(comm, self.pending.result(), own_values)
         clock = time.perf_counter()
@@ -242,7 +244,7 @@ def settle_vote(prep: PreparedSave, error: BaseException | None = None) -> bool:
     except BaseException as e:
         prep.abandoned = e
         raise
-    prep.agreed, prep.save_id = agreed, agreed.save_id
+    prep.agreed = agreed
     return agreed.share is staged
 
 
