@@ -205,6 +205,14 @@ def _walk(
     elif is_stateful(node):
         # Modules and optimizers go through torch's distributed state-dict helpers (module_state.py).
         obj = routes.get(id(node), node)
+        # ModelOptimizerState lists the leaves of an answer it remembers: no dicts to walk.
+        kept: FlattenMemo | None = getattr(obj, "flatten_memo", None)
+        leaves = getattr(obj, "leaves_for_save", None)
+        if kept is not None and leaves is not None and not isinstance(node, torch.nn.Module):
+            found = leaves()
+            if found is not None:
+                _add_leaves(found, path, per_rank, rank, tensors, values, seen, kept)
+                return
         # ModelOptimizerState gives the tensors undetached and skips get_state_dict when it can.
         state_dict = getattr(obj, "state_dict_for_save", None) or obj.state_dict  # type: ignore[attr-defined]
         sd = state_dict()
@@ -215,7 +223,8 @@ def _walk(
         # dict naming one tensor twice may be loaded into two separate tensors, so both are kept.
         if isinstance(node, torch.nn.Module):
             tied = {f"{key}/{later}": f"{key}/{first}" for later, first in tied_names(node).items() if first in sd}
-        _walk(sd, path, per_rank, rank, tensors, values, seen, routes, tied, getattr(obj, "flatten_memo", None))
+        kept = getattr(obj, "flatten_memo", None)  # asked again: the answer may have learned anew
+        _walk(sd, path, per_rank, rank, tensors, values, seen, routes, tied, kept.items if kept is not None else None)
     elif (not path and isinstance(node, dict)) or (isinstance(node, dict | list | tuple) and contains_tensors(node, key)):
         children = node.items() if isinstance(node, dict) else enumerate(node)
         for part, child in children:
@@ -227,6 +236,49 @@ def _walk(
 
 # Per key: (tensor, where its bytes are, per_rank, rank, path, the items made of it).
 ItemMemo = dict[str, tuple[torch.Tensor, tuple[object, ...], bool, int, tuple[PathPart, ...], list[TensorItem]]]
+
+Parts = tuple[PathPart, ...]
+
+
+class FlattenMemo:
+    """What flatten keeps between saves of one stateful object while its structure is unchanged
+    (ModelOptimizerState's recipe): the items of each tensor, and the checked path and key of
+    each leaf it lists (``leaves_for_save``), by (the object's path, the leaf's path under it)."""
+
+    __slots__ = ("items", "paths")
+
+    def __init__(self) -> None:
+        self.items: ItemMemo = {}
+        self.paths: dict[tuple[Parts, Parts], tuple[Parts, str]] = {}
+
+
+def _add_leaves(
+    leaves: list[tuple[Parts, object]],
+    path: Parts,
+    per_rank: bool,
+    rank: int,
+    tensors: list[TensorItem],
+    values: list[ValueItem],
+    seen: dict[str, Parts],
+    memo: FlattenMemo,
+) -> None:
+    """What ``_walk`` gives for a dict of these leaves (a tensor or a value without tensors at
+    each path under ``path``), without visiting the dicts: for a model and its optimizer, the
+    walk over about one dict per parameter cost as much as the tensors themselves."""
+    for rel, leaf in leaves:
+        known = memo.paths.get((path, rel))
+        if known is None:
+            full = path
+            for part in rel:
+                full = full + (check_part(part, full),)
+                check_depth(full)
+            known = memo.paths[(path, rel)] = (full, join_key(full))
+        full, key = known
+        _claim(key, full, seen)
+        if isinstance(leaf, torch.Tensor):
+            tensors.extend(_remembered_items(memo.items, leaf, key, full, per_rank, rank))
+        else:
+            values.append(ValueItem(key, full, encode_value(leaf, key), per_rank))
 
 
 def data_place(tensor: torch.Tensor) -> tuple[object, ...]:

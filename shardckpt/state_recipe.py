@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from shardckpt.flatten import ItemMemo, data_place
+from shardckpt.flatten import FlattenMemo, Parts, contains_tensors, data_place
 
 # FSDP2 registers this pre-hook on each module that holds sharded parameters: it reshards them
 # before a state_dict. A structure check covers it: unsharded parameters are other objects.
@@ -105,7 +105,8 @@ class StateRecipe:
         self.model_entries = model_entries  # (name, registered tensor), in the answer's order
         self.optim_entries = optim_entries  # (name, parameter), in optimizer.state order
         self.group_names = group_names  # each param group's parameter names
-        self.flatten_memo: ItemMemo = {}  # flatten.py's items for these tensors, by key
+        self.flatten_memo = FlattenMemo()  # what flatten.py keeps of these tensors
+        self._model_leaves: list[tuple[Parts, object]] = [(("model", name), t) for name, t in model_entries]
 
     @classmethod
     def learn(cls, model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict[str, object],
@@ -160,8 +161,33 @@ class StateRecipe:
             return None
         msd: dict[str, object] = dict(self.model_entries)
         state = {name: optimizer.state[param] for name, param in self.optim_entries}
-        groups = [
+        return msd, {"state": state, "param_groups": self._groups(optimizer)}
+
+    def leaves(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[Parts, object]] | None:
+        """``answer``'s leaves, as (path under the answer, tensor or value) in the order flatten
+        walks the answer; None when ``answer`` would give None, or when walking it would go
+        into anything but tensors (a state value that is not a tensor, an empty state, tensors
+        in the param groups): then flatten walks the answer itself."""
+        if not self.model_entries or not _plain_optimizer(optimizer) or _structure(model, optimizer)[0] != self.structure:
+            return None
+        out = list(self._model_leaves)
+        for name, param in self.optim_entries:
+            own = optimizer.state[param]
+            if not own:
+                return None
+            for key, value in own.items():
+                if not isinstance(value, torch.Tensor):
+                    return None
+                out.append((("optim", "state", name, key), value))
+        groups = self._groups(optimizer)
+        if contains_tensors(groups):
+            return None
+        out.append((("optim", "param_groups"), groups))
+        return out
+
+    def _groups(self, optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
+        """The param groups as get_state_dict gives them: the current hyperparameters, the names."""
+        return [
             {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
             for group, names in zip(optimizer.param_groups, self.group_names, strict=True)
         ]
-        return msd, {"state": state, "param_groups": groups}

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shardckpt.errors import StateMismatchError
-from shardckpt.flatten import ItemMemo, PerRank
+from shardckpt.flatten import FlattenMemo, Parts, PerRank
 from shardckpt.state_recipe import StateRecipe
 
 if TYPE_CHECKING:
@@ -99,9 +99,16 @@ class ModelOptimizerState:
         return sd
 
     @property
-    def flatten_memo(self) -> ItemMemo | None:
+    def flatten_memo(self) -> FlattenMemo | None:
         """Where flatten keeps the save items of this object's tensors while the recipe holds."""
         return self._recipe.flatten_memo if self._recipe is not None else None
+
+    def leaves_for_save(self) -> list[tuple[Parts, object]] | None:
+        """``state_dict_for_save()``'s tensors and values with their paths, while the recipe
+        holds and they are all flatten would find (StateRecipe.leaves); else None."""
+        if self._recipe is None or self.optimizer is None:
+            return None
+        return self._recipe.leaves(self.model, self.optimizer)
 
     def state_dict_for_save(self) -> dict[str, object]:
         """``state_dict()`` with the registered tensors themselves in place of their ``detach()``:

@@ -11,7 +11,7 @@ import shardckpt
 from tests.dist.harness import run_ranks
 from tests.dist.test_ddp import _ddp
 from tests.dist.test_fsdp import _sharded
-from tests.unit.test_state_recipe import _assert_torch_agrees
+from tests.unit.test_state_recipe import _assert_torch_agrees, _flat
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,6 +43,8 @@ def agree_worker(rank: int, world: int, kind: str) -> list[bool]:
     again = {t.key: t for t in flatten_state({"train": mos}, rank)[0]}
     reused = [k for k in first if again[k] is first[k]]
     assert reused == list(first), f"items made anew: {sorted(set(first) - set(reused))[:5]}"
+    assert mos.leaves_for_save() is not None
+    assert _flat({"train": mos}, rank) == _flat({"train": mos.state_dict_for_save()}, rank)  # as the walk
     if kind == "fsdp2":
         from torch.distributed.fsdp import FSDPModule
 
@@ -50,6 +52,7 @@ def agree_worker(rank: int, world: int, kind: str) -> list[bool]:
             if isinstance(module, FSDPModule):
                 module.unshard()  # what a save between a forward and its backward would find
         assert not isinstance(next(model.parameters()), torch.distributed.tensor.DTensor)
+        assert mos.leaves_for_save() is None  # other parameter objects: torch is asked, and reshards
         sd = mos.state_dict_for_save()
         assert all(isinstance(t, torch.distributed.tensor.DTensor) for t in sd["model"].values())
         _assert_torch_agrees(mos)

@@ -291,3 +291,80 @@ def test_metadata_rows_are_reused_only_for_the_same_items():
     changed, _ = flatten_state({"train": mos}, 0)
     new_rows, new_fp = metadata_rows(changed)
     assert new_rows == [t.meta() for t in changed] and new_fp == fingerprint(new_rows) != fp
+
+
+def _flat(state: dict[str, object], rank: int = 0) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """flatten_state's items, comparable: every field, and where each item's bytes are."""
+    from shardckpt.flatten import flatten_state
+
+    tensors, values = flatten_state(state, rank)
+    return (
+        [(*t.meta(), t.local.data_ptr(), t.local.dtype) for t in tensors],
+        [(v.key, v.path, v.value, v.per_rank) for v in values],
+    )
+
+
+def _walked(mos: shardckpt.ModelOptimizerState, wrap) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """What the walk over the answer's dicts gives, at the same path."""
+    return _flat({"train": wrap(mos.state_dict_for_save()), "step": 3})
+
+
+@pytest.mark.parametrize("wrap", [lambda x: x, shardckpt.PerRank], ids=["shared", "per_rank"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_remembered_answer_flattens_as_its_walk_does(wrap, tie):
+    mos = _trained(tie)
+    _flat({"train": wrap(mos)})  # learns the recipe
+    assert mos.leaves_for_save() is not None
+    for _ in range(2):
+        got = _flat({"train": wrap(mos), "step": 3})
+        assert got == _walked(mos, wrap)
+        _step(mos.model, mos.optimizer)
+
+
+def test_a_remembered_answer_is_flattened_without_asking_for_it(monkeypatch):
+    mos = _trained()
+    want = _flat({"train": mos})
+
+    def asked() -> dict[str, object]:
+        raise AssertionError("state_dict_for_save asked while the recipe holds")
+
+    monkeypatch.setattr(mos, "state_dict_for_save", asked)
+    assert _flat({"train": mos}) == want
+
+
+def _new_moment(mos):
+    state = next(iter(mos.optimizer.state.values()))
+    state["exp_avg"] = torch.full_like(state["exp_avg"], 7.0)  # rebound, not changed in place
+
+
+def _new_state_key(mos):
+    next(iter(mos.optimizer.state.values()))["extra"] = torch.ones(2)
+
+
+def _plain_values_state(mos):
+    state = next(iter(mos.optimizer.state.values()))
+    state.clear()
+    state["step"] = 4.0  # no tensor: the walk stores the whole dict as one value
+
+
+def _mixed_state(mos):
+    next(iter(mos.optimizer.state.values()))["count"] = 4
+
+
+def _scheduled_lr(mos):
+    mos.optimizer.param_groups[0]["lr"] = 0.125
+
+
+def _tensor_lr(mos):
+    mos.optimizer.param_groups[0]["lr"] = torch.tensor(0.25)  # the walk goes into the groups
+
+
+@pytest.mark.parametrize(
+    "change", [_new_moment, _new_state_key, _plain_values_state, _mixed_state, _scheduled_lr, _tensor_lr, _swap_data]
+)
+def test_a_remembered_answer_flattens_as_its_walk_does_after(change):
+    mos = _trained()
+    _flat({"train": mos})
+    _flat({"train": mos})
+    change(mos)
+    assert _flat({"train": mos, "step": 3}) == _walked(mos, lambda x: x)
