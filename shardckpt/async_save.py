@@ -32,6 +32,7 @@ from shardckpt.saving import (
     Committed,
     PreparedSave,
     SaveResult,
+    SourceViews,
     free_ring,
     prepare_save,
     replica_hashes,
@@ -123,6 +124,7 @@ class AsyncSaver:
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-commit")
         self.staging = StagingPool(budget_bytes)
         self.copier = DeviceCopier()
+        self.views = SourceViews()  # the snapshot's sources, kept across saves of one plan
         self.last: SaveHandle | None = None
 
     def save(
@@ -262,7 +264,7 @@ class AsyncSaver:
                     if isinstance(sw, StagedWrite) and sw.pooled:
                         self.staging.release(sw.data)
                 self._stage(prep, feed)
-            hashes.update(replica_hashes(prep, self.writers, self.copier))
+            hashes.update(replica_hashes(prep, self.writers, self.copier, self.views))
             prep.phases["snapshot"] = time.perf_counter() - t - waited
             if check is not None:
                 check()  # before _END: a failed check means nothing is committed
@@ -274,7 +276,7 @@ class AsyncSaver:
             raise
 
     def _stage(self, prep: PreparedSave, feed: queue.Queue[object]) -> None:
-        for sw in stage(prep, self.staging, self.copier):
+        for sw in stage(prep, self.staging, self.copier, views=self.views):
             feed.put(sw)
         self.copier.sync()
 

@@ -37,12 +37,33 @@ def replica_digest(tensor: torch.Tensor) -> str:
     """A digest of ``tensor``'s dtype, shape and bytes; equal tensors on the same kind of device
     give equal digests. Host tensors: ``xxh3:...``; device tensors: ``dev:...``."""
     t = tensor.detach()
-    head = f"{t.dtype}{list(t.shape)}"
     if t.device.type == "cpu":
+        return HostDigest(t.contiguous())()
+    return f"dev:{_head(t)}:{device_digest(t)}"
+
+
+def _head(t: torch.Tensor) -> str:
+    return f"{t.dtype}{list(t.shape)}"
+
+
+class HostDigest:
+    """``replica_digest`` of one contiguous host tensor, whose header and byte view are made once
+    and read again by each call: for a tensor of a few bytes (an optimizer's step count), making
+    them was nearly all of the digest's cost. The view shares the tensor's memory, so each call
+    hashes its current bytes."""
+
+    __slots__ = ("_data", "_head")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        t = tensor.detach()
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("HostDigest needs a contiguous host tensor (a copy would not follow it)")
+        self._head = _head(t)
         # cast: numpy's stubs give ndarray ``__buffer__`` only for Python >= 3.12 (see codec/blocks.py).
-        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-        return f"xxh3:{head}:{checksum(cast('Buffer', data))}"
-    return f"dev:{head}:{device_digest(t)}"
+        self._data = cast("Buffer", t.reshape(-1).view(torch.uint8).numpy())
+
+    def __call__(self) -> str:
+        return f"xxh3:{self._head}:{checksum(self._data)}"
 
 
 def device_digest(tensor: torch.Tensor) -> str:
