@@ -4,11 +4,11 @@ prepare (flatten, gather, plan) → stage (snapshot) → write (encode, append, 
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -291,25 +291,37 @@ class SourceViews:
     kept while its plan and items are the same objects (a repeated save of an unchanged state:
     plan_exchange and flatten's memo). Finding each item and its view again cost about 5 us per
     item, a third of a small state's snapshot; making a step count's digest view, 10 us each.
-    All are views of the items' own local tensors, so they always show the current bytes."""
+    All are views of the items' own local tensors, so they always show the current bytes.
+
+    The items are held weakly, and the views are dropped once the first item is gone: a model
+    the job has let go of (rebuilt after a restart) must not be kept alive by its last save."""
 
     def __init__(self) -> None:
-        self._prep: PreparedSave | None = None  # the save they were last checked for
+        self._prep: weakref.ref[PreparedSave] | None = None  # the save they were last checked for
         self._share: object = None
-        self._items: list[TensorItem] = []
+        self._items: list[weakref.ref[TensorItem]] = []
         self._sources: list[Source] = []
         self._digests: dict[str, HostDigest] = {}
 
     def _check(self, prep: PreparedSave) -> None:
-        if prep is self._prep and prep.agreed.share is self._share:
+        if self._prep is not None and self._prep() is prep and prep.agreed.share is self._share:
             return  # checked for this save, whose plan has not changed since (settle_vote)
         items = list(prep.items.values())
         same = prep.agreed.share is self._share and len(items) == len(self._items)
-        if not (same and all(map(operator.is_, items, self._items))):
+        if not (same and all(ref() is item for ref, item in zip(self._items, items))):
+            self._drop()
             self._sources = _sources(prep)
-            self._digests = {}
-            self._share, self._items = prep.agreed.share, items
-        self._prep = prep
+            self._share = prep.agreed.share
+            self._items = [weakref.ref(item, self._gone) for item in items[:1]]
+            self._items += [weakref.ref(item) for item in items[1:]]
+        self._prep = weakref.ref(prep)
+
+    def _gone(self, ref: weakref.ref[TensorItem]) -> None:
+        if self._items and self._items[0] is ref:  # not a save's items made since
+            self._drop()
+
+    def _drop(self) -> None:
+        self._share, self._items, self._sources, self._digests, self._prep = None, [], [], {}, None
 
     def of(self, prep: PreparedSave) -> list[Source]:
         self._check(prep)

@@ -83,3 +83,27 @@ def test_kept_sources_and_digests_show_the_current_bytes(tmp_path):
     assert not (tmp_path / "e" / "index.json").exists()
     for name in "abcd":
         assert shardckpt.verify(str(tmp_path / name)).tensors > 0
+
+
+def let_go(rank: int, world: int, path: str) -> list[bool]:
+    import gc
+    import importlib
+    import weakref
+
+    async_save = importlib.import_module("shardckpt.async_save")  # the module, not the function
+    model, opt = _sharded(world, seed=0)
+    _train(model, opt)
+    mos = shardckpt.ModelOptimizerState(model, opt)
+    for name in ("a", "b"):
+        shardckpt.async_save({"train": mos}, f"{path}/{name}").wait()
+    views = next(iter(async_save._SAVERS.values())).views
+    kept = bool(views._sources)
+    shards = [weakref.ref(t) for st in opt.state.values() for t in st.values()]
+    shards += [weakref.ref(p) for p in model.parameters()]
+    del mos, model, opt  # the job lets go of its model (a rebuild after a restart)
+    gc.collect()
+    return [kept, not views._sources, all(ref() is None for ref in shards)]
+
+
+def test_a_model_the_job_lets_go_of_is_not_kept_by_its_last_save(tmp_path):
+    assert run_ranks(2, let_go, str(tmp_path)) == [[True, True, True]] * 2
