@@ -207,6 +207,11 @@ def _build_rank(rank: int, world: int, init_file: str, out: str) -> None:
     for key, dim in (("w", 0), ("col", 1), ("ids", 0)):
         state[key] = distribute_tensor(full[key], mesh, [Shard(dim)])
     shardckpt.save(state, out, compression=shardckpt.CompressionOptions(block_bytes=BLOCK_BYTES))
+    # Teardown as the docs ask: shardckpt's threads and groups first, then both ranks together, so
+    # neither closes its gloo connections while the other still uses them (an abort at exit,
+    # "terminate called without an active exception", was seen twice in fresh-clone CI runs).
+    shardckpt.shutdown()
+    dist.barrier()
     dist.destroy_process_group()
 
 
