@@ -32,15 +32,13 @@ from shardckpt.saving import (
     Committed,
     PreparedSave,
     SaveResult,
-    SourceViews,
     free_ring,
     prepare_save,
-    replica_hashes,
     result_of,
     settle_vote,
-    stage,
     write_and_commit,
 )
+from shardckpt.snapshot import SourceViews, replica_hashes, stage
 from shardckpt.storage.s3 import S3Options
 
 log = logging.getLogger(__name__)

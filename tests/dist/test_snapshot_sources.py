@@ -1,5 +1,5 @@
 """A repeated async save of an unchanged FSDP2 model keeps its snapshot's sources and its replica
-digests (saving.SourceViews): they must always show the current bytes, and be made anew when an
+digests (snapshot.SourceViews): they must always show the current bytes, and be made anew when an
 item changes."""
 
 from __future__ import annotations
