@@ -109,14 +109,14 @@ def test_side_groups_are_made_once_per_group_and_reused(tmp_path):
 
 
 def replica_hash_worker(rank: int, world_size: int, path: str) -> str:
-    import shardckpt.saving
+    import shardckpt.snapshot
 
     if rank == 1:  # hashing a replica fails on one rank (on a GPU: a device error in the copy)
         def broken(_tensor: object) -> str:
             raise RuntimeError("device-side assert triggered")
 
-        assert hasattr(shardckpt.saving, "replica_digest")  # patching a name save no longer uses tests nothing
-        shardckpt.saving.replica_digest = broken  # type: ignore[assignment]
+        assert hasattr(shardckpt.snapshot, "replica_digest")  # patching a name save no longer uses tests nothing
+        shardckpt.snapshot.replica_digest = broken  # type: ignore[assignment]
     return _outcome(lambda: shardckpt.save({"w": torch.ones(64)}, path))
 
 
