@@ -157,7 +157,7 @@ class StateRecipe:
         """(model state dict, optimizer state dict) as get_state_dict would give them now, with
         the registered tensors themselves in place of their ``detach()``; None when anything
         they depend on changed."""
-        if not _plain_optimizer(optimizer) or _structure(model, optimizer)[0] != self.structure:
+        if not self._holds(model, optimizer):
             return None
         msd: dict[str, object] = dict(self.model_entries)
         state = {name: optimizer.state[param] for name, param in self.optim_entries}
@@ -168,7 +168,7 @@ class StateRecipe:
         walks the answer; None when ``answer`` would give None, or when walking it would go
         into anything but tensors (a state value that is not a tensor, an empty state, tensors
         in the param groups): then flatten walks the answer itself."""
-        if not self.model_entries or not _plain_optimizer(optimizer) or _structure(model, optimizer)[0] != self.structure:
+        if not self.model_entries or not self._holds(model, optimizer):
             return None
         out = list(self._model_leaves)
         for name, param in self.optim_entries:
@@ -184,6 +184,10 @@ class StateRecipe:
             return None
         out.append((("optim", "param_groups"), groups))
         return out
+
+    def _holds(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the model and optimizer still have the structure this recipe was taken from."""
+        return _plain_optimizer(optimizer) and _structure(model, optimizer)[0] == self.structure
 
     def _groups(self, optimizer: torch.optim.Optimizer) -> list[dict[str, object]]:
         """The param groups as get_state_dict gives them: the current hyperparameters, the names."""
