@@ -39,24 +39,26 @@ import torch
 import torch.distributed as dist
 from spawn import run_workers
 
-# name -> (system, compression, SHARDCKPT_IO_THREADS or None for the default, nice of shardckpt's threads)
-Mode = tuple[str, str, int | None, int]
+# name -> (system, compression, SHARDCKPT_IO_THREADS or None for the default,
+#          nice of shardckpt's background threads or None for the library's own, 19)
+Mode = tuple[str, str, int | None, int | None]
 MODES: dict[str, Mode] = {
-    "none": ("none", "", None, 0),
-    "shardckpt async auto": ("shardckpt", "auto", None, 0),
-    "shardckpt async none": ("shardckpt", "none", None, 0),
-    "dcp async_save": ("dcp", "", None, 0),
-    "torch.save": ("torch", "", None, 0),
+    "none": ("none", "", None, None),
+    "shardckpt async auto": ("shardckpt", "auto", None, None),
+    "shardckpt async none": ("shardckpt", "none", None, None),
+    "dcp async_save": ("dcp", "", None, None),
+    "torch.save": ("torch", "", None, None),
 }
 # Where shardckpt's loss comes from: more encoding CPU (zstd), fewer writer threads (io1), and the
-# background threads at nice 19, so that the kernel runs them only on CPU the training leaves idle:
-# what that removes is CPU contention; what stays is the GIL (nice does not touch it).
+# background threads at nice 0, the training's own priority (the library runs them at 19, so that
+# the kernel gives them only CPU the training leaves idle; nice does not touch the GIL). Setting
+# nice 0 back needs root (or CAP_SYS_NICE); without it those rows equal the defaults.
 DIAGNOSE: dict[str, Mode] = {
-    "shardckpt async zstd": ("shardckpt", "zstd", None, 0),
-    "shardckpt async auto io1": ("shardckpt", "auto", 1, 0),
-    "shardckpt async none io1": ("shardckpt", "none", 1, 0),
-    "shardckpt async auto nice19": ("shardckpt", "auto", None, 19),
-    "shardckpt async none nice19": ("shardckpt", "none", None, 19),
+    "shardckpt async zstd": ("shardckpt", "zstd", None, None),
+    "shardckpt async auto io1": ("shardckpt", "auto", 1, None),
+    "shardckpt async none io1": ("shardckpt", "none", 1, None),
+    "shardckpt async auto nice0": ("shardckpt", "auto", None, 0),
+    "shardckpt async none nice0": ("shardckpt", "none", None, 0),
 }
 LAYERS = 8
 
@@ -107,7 +109,7 @@ class _Saver:
     whether a background save is still running; ``finish`` waits for the last one (timed by the caller)."""
 
     def __init__(self, system: str, compression: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 rank: int, side_group: dist.ProcessGroup | None = None, nice: int = 0) -> None:
+                 rank: int, side_group: dist.ProcessGroup | None = None, nice: int | None = None) -> None:
         import shardckpt
 
         self.system, self.compression, self.rank, self.side_group = system, compression, rank, side_group
@@ -125,7 +127,7 @@ class _Saver:
             self.state["step"] = step
             self.pending = shardckpt.async_save(self.state, path, compression=self.compression)
             self.handles.append(self.pending)
-            _renice_shardckpt_threads(self.nice)
+            _renice_shardckpt_threads(shardckpt.options.background_nice() if self.nice is None else self.nice)
         elif self.system == "dcp":
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -168,11 +170,12 @@ class _Saver:
 
 
 def _renice_shardckpt_threads(nice: int) -> None:
-    """Set the nice value of shardckpt's Python threads (its writer pool and committer: their OS
-    threads, by native id; Linux keeps a nice value per thread). Pool threads start on demand, so
-    this runs after every save; 0 puts them back."""
+    """Set the nice value of shardckpt's background threads (its writer pool and committer: their
+    OS threads, by native id; Linux keeps a nice value per thread). The modes share those threads,
+    and pool threads start on demand, so this runs after every save, with the library's own value
+    for the modes that do not set one."""
     for t in threading.enumerate():
-        if t.name.startswith("shardckpt") and t.native_id is not None:
+        if t.name.startswith(("shardckpt-write", "shardckpt-commit")) and t.native_id is not None:
             try:
                 os.setpriority(os.PRIO_PROCESS, t.native_id, nice)
             except (OSError, ProcessLookupError):  # the thread ended meanwhile, or no permission to lower it

@@ -11,7 +11,9 @@ save surfaces there if nobody has waited for it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, StateMismatchError
-from shardckpt.options import Compression, compression_options, io_threads, staging_budget
+from shardckpt.options import Compression, background_nice, compression_options, io_threads, staging_budget
 from shardckpt.pipeline.staging import DeviceCopier, StagingPool
 from shardckpt.pipeline.writer import StagedWrite
 from shardckpt.saving import (
@@ -114,12 +116,30 @@ def unseen_failure(handle: SaveHandle, what: str) -> CheckpointError | None:
     return None
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling thread at ``nice`` or lower priority (a ThreadPoolExecutor initializer).
+    Linux keeps a nice value per thread, addressed by its thread id; elsewhere that id would name
+    the whole process, so this does nothing there. Never raises a thread's priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError:  # a sandbox that forbids it: the thread keeps the process's priority
+        pass
+
+
 class AsyncSaver:
     def __init__(self, comm: Comm, budget_bytes: int | None) -> None:
+        nice = background_nice()  # first: a bad setting raises before any group is made
         self.comm = comm
         self.side = comm.side_group()
-        self.writers = ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-write")
-        self.committer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-commit")
+        # The background threads yield the CPU to training (lower_priority); the replicas are
+        # hashed inside the stall, where the training loop waits, so on threads of their own.
+        self.writers = ThreadPoolExecutor(io_threads(), "shardckpt-write", lower_priority, (nice,))
+        self.committer = ThreadPoolExecutor(1, "shardckpt-commit", lower_priority, (nice,))
+        self.hashers = ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-hash")
         self.staging = StagingPool(budget_bytes)
         self.copier = DeviceCopier()
         self.views = SourceViews()  # the snapshot's sources, kept across saves of one plan
@@ -262,7 +282,7 @@ class AsyncSaver:
                     if isinstance(sw, StagedWrite) and sw.pooled:
                         self.staging.release(sw.data)
                 self._stage(prep, feed)
-            hashes.update(replica_hashes(prep, self.writers, self.copier, self.views))
+            hashes.update(replica_hashes(prep, self.hashers, self.copier, self.views))
             prep.phases["snapshot"] = time.perf_counter() - t - waited
             if check is not None:
                 check()  # before _END: a failed check means nothing is committed
@@ -347,6 +367,7 @@ class AsyncSaver:
         finally:
             self.committer.shutdown(wait=True)
             self.writers.shutdown(wait=True)
+            self.hashers.shutdown(wait=True)
             self.staging.close()
 
 

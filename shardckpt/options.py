@@ -84,6 +84,20 @@ def io_threads() -> int:
     return max(2, min(32, int(rank_cores())))
 
 
+def background_nice() -> int:
+    """The nice value of the threads that encode, write and commit an ``async_save`` in the
+    background: 19, the lowest priority, unless ``SHARDCKPT_BACKGROUND_NICE`` (0-19) says otherwise.
+    The training loop does not wait for those threads, so they should run on the CPU it leaves
+    idle rather than take cores from it (measured: docs/benchmarks.md, "Background threads at the
+    lowest priority"). 0 runs them as the training runs."""
+    raw = os.environ.get("SHARDCKPT_BACKGROUND_NICE", "").strip()
+    if not raw:
+        return 19
+    if not raw.isdigit() or int(raw) > 19:
+        raise StateMismatchError(f"SHARDCKPT_BACKGROUND_NICE must be a whole number from 0 to 19, not {raw!r}")
+    return int(raw)
+
+
 def read_round_bytes() -> int:
     """Decoded bytes of shared blocks per exchange round of ``load(read_once=True)``: each rank
     holds at most about this much (times the ranks it sends to) in its send and receive buffers."""
