@@ -18,7 +18,7 @@ import torch
 from shardckpt.codec import decode_block
 from shardckpt.codec.checksum import checksum, chunk_checksums
 from shardckpt.errors import CheckpointError, CorruptCheckpointError
-from shardckpt.format.schema import DATA_HEADER_BYTES, RAW_CHUNK_BYTES, CheckpointIndex, TensorEntry
+from shardckpt.format.schema import DATA_HEADER_BYTES, RAW_CHUNK_BYTES, BlockEntry, CheckpointIndex, TensorEntry
 from shardckpt.pipeline.datafile import check_header
 from shardckpt.planning.boxes import Box
 from shardckpt.planning.load_plan import BlockRead
@@ -102,16 +102,49 @@ def read_block_part(storage: Storage, index: CheckpointIndex, entry: TensorEntry
     first, end = lo // RAW_CHUNK_BYTES, -(-hi // RAW_CHUNK_BYTES)
     start, stop = first * RAW_CHUNK_BYTES, min(end * RAW_CHUNK_BYTES, b.length)
     out = np.empty(b.raw_length, dtype=np.uint8)  # pages outside [start, stop) are never touched
-    name = index.files[b.file].name
-    storage.read_into(name, b.offset + start, memoryview(out[start:stop]))  # type: ignore[arg-type]
+    storage.read_into(index.files[b.file].name, b.offset + start, memoryview(out[start:stop]))  # type: ignore[arg-type]
     for c in range(first, end):
-        if checksum(out[c * RAW_CHUNK_BYTES : min((c + 1) * RAW_CHUNK_BYTES, b.length)]) != b.chunk_checksum(c):  # type: ignore[arg-type]
-            raise CorruptCheckpointError(
-                f"{where}: checksum mismatch in {name} (rank {index.files[b.file].rank}) at offset "
-                f"{b.offset + c * RAW_CHUNK_BYTES} (chunk {c} of the block at offset {b.offset}) for tensor "
-                f"{entry.key!r} block {list(b.offsets)}+{list(b.sizes)}"
-            )
+        _check_chunk(index, entry, b, c, out[c * RAW_CHUNK_BYTES : _chunk_end(b, c)], where)
     return torch.from_numpy(out).view(entry.torch_dtype).reshape(b.sizes)
+
+
+def read_run_into(
+    storage: Storage, index: CheckpointIndex, entry: TensorEntry, block: BlockEntry, lo: int, hi: int,
+    dest: np.ndarray, where: str,
+) -> None:
+    """Bytes ``[lo, hi)`` of a raw block with chunk checksums into ``dest``, each chunk they touch
+    verified. The chunks inside the run are read straight into ``dest``; only the (at most two)
+    chunks at its ends, which hold bytes outside it, go through a chunk-sized buffer."""
+    inner = [c for c in range(lo // RAW_CHUNK_BYTES, -(-hi // RAW_CHUNK_BYTES))
+             if lo <= c * RAW_CHUNK_BYTES and _chunk_end(block, c) <= hi]
+    name = index.files[block.file].name
+    if inner:
+        a, z = inner[0] * RAW_CHUNK_BYTES, _chunk_end(block, inner[-1])
+        storage.read_into(name, block.offset + a, memoryview(dest[a - lo : z - lo]))  # type: ignore[arg-type]
+        for c in inner:
+            _check_chunk(index, entry, block, c, dest[c * RAW_CHUNK_BYTES - lo : _chunk_end(block, c) - lo], where)
+    for c in {lo // RAW_CHUNK_BYTES, (hi - 1) // RAW_CHUNK_BYTES} - set(inner):
+        a, z = c * RAW_CHUNK_BYTES, _chunk_end(block, c)
+        chunk = np.empty(z - a, dtype=np.uint8)
+        storage.read_into(name, block.offset + a, memoryview(chunk))  # type: ignore[arg-type]
+        _check_chunk(index, entry, block, c, chunk, where)
+        keep_lo, keep_hi = max(a, lo), min(z, hi)
+        dest[keep_lo - lo : keep_hi - lo] = chunk[keep_lo - a : keep_hi - a]
+
+
+def _chunk_end(block: BlockEntry, c: int) -> int:
+    """Where chunk ``c`` of a raw block ends (the last chunk may be short)."""
+    return min((c + 1) * RAW_CHUNK_BYTES, block.length)
+
+
+def _check_chunk(index: CheckpointIndex, entry: TensorEntry, b: BlockEntry, c: int, data: np.ndarray, where: str) -> None:
+    if checksum(data) != b.chunk_checksum(c):  # type: ignore[arg-type]
+        f = index.files[b.file]
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch in {f.name} (rank {f.rank}) at offset "
+            f"{b.offset + c * RAW_CHUNK_BYTES} (chunk {c} of the block at offset {b.offset}) for tensor "
+            f"{entry.key!r} block {list(b.offsets)}+{list(b.sizes)}"
+        )
 
 
 def _byte_span(box: Box, part: Box, itemsize: int) -> tuple[int, int]:
@@ -217,8 +250,28 @@ def read_into_target(storage: Storage, index: CheckpointIndex, req: ReadRequest,
             _decode(req.entry, read, payload, dest, where)
         return
     partial = read.block.chunks and read.overlap != read.box and read.box.sizes
+    run = _direct_run(req, read) if partial else None
+    if run is not None:
+        read_run_into(storage, index, req.entry, read.block, *run, where)
+        return
     reader = read_block_part if partial else read_block
     place_block(req, read, reader(storage, index, req.entry, read, where))
+
+
+def _direct_run(req: ReadRequest, read: BlockRead) -> tuple[int, int, np.ndarray] | None:
+    """For a partly needed raw block whose needed part is one run of bytes both in the block (C
+    order: a band of whole rows, as when a Shard(0) save loads at another world size) and in the
+    target: the run's bytes in the block and the target's bytes it goes to."""
+    if req.target.device.type != "cpu" or req.target.dtype != req.entry.torch_dtype:
+        return None
+    itemsize = req.entry.torch_dtype.itemsize
+    lo, hi = _byte_span(read.box, read.overlap, itemsize)
+    if hi - lo != read.overlap.volume * itemsize:
+        return None
+    region = req.target[read.overlap.slices_within(req.needed)]
+    if not region.is_contiguous():
+        return None
+    return lo, hi, region.reshape(-1).view(torch.uint8).numpy()
 
 
 def place_block(req: ReadRequest, read: BlockRead, block: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,55 @@ def test_an_index_without_chunk_checksums_still_loads_whole_blocks(saved, bytes_
     assert sum(bytes_read) == 8 << 20
     shardckpt.verify(path)
 
+
+
+@pytest.fixture
+def reads_into(monkeypatch) -> list[tuple[int, int]]:
+    """(address, length) of every buffer a data-file read fills."""
+    got: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    read_into = LocalStorage.read_into
+
+    def recorded(self, name, offset, buf):
+        with lock:
+            if name.startswith("data") and offset:
+                got.append((np.frombuffer(buf, dtype=np.uint8).ctypes.data, len(buf)))
+        return read_into(self, name, offset, buf)
+
+    monkeypatch.setattr(LocalStorage, "read_into", recorded)
+    return got
+
+
+@pytest.mark.parametrize("lo, hi", [(100, 1000), (100, 1024), (0, 1000), (300, 1800), (1030, 1040), (1, 2047)])
+def test_a_band_of_rows_goes_straight_into_the_target_but_the_edge_chunks(saved, reads_into, lo, hi):
+    """A band of whole rows is one run of bytes in each block and in the target: the chunks inside
+    the run are read into the target itself, the edge chunks (holding rows outside it) through a
+    buffer of their own. Every chunk touched is read once."""
+    path, w = saved
+    got = _read_rows(path, lo, hi)
+    assert torch.equal(got, w[lo:hi])
+    start, end = got.data_ptr(), got.data_ptr() + got.numel() * 4
+    into_target = sum(n for addr, n in reads_into if start <= addr and addr + n <= end)
+    per_block = 1024 * ROW
+    inner = edges = 0
+    for b in range(2):
+        a, z = max(lo * ROW - b * per_block, 0), min(hi * ROW - b * per_block, per_block)
+        if a >= z:
+            continue
+        chunks = range(a // RAW_CHUNK_BYTES, -(-z // RAW_CHUNK_BYTES))
+        full = [c for c in chunks if a <= c * RAW_CHUNK_BYTES and (c + 1) * RAW_CHUNK_BYTES <= z]
+        inner += len(full) * RAW_CHUNK_BYTES
+        edges += (len(chunks) - len(full)) * RAW_CHUNK_BYTES
+    assert into_target == inner
+    assert sum(n for _, n in reads_into) == inner + edges
+
+
+@pytest.mark.parametrize("row, chunk", [(500, 1), (30, 0)])
+def test_a_corrupt_chunk_read_straight_into_the_target_is_refused(saved, row, chunk):
+    path, _ = saved
+    _flip(path, _blocks(path)[0][3] + row * ROW)  # chunk 1 lies inside rows 100..1000; chunk 0 at its edge
+    with pytest.raises(CorruptCheckpointError) as info:
+        _read_rows(path, 100, 1000)
+    msg = str(info.value)
+    for needle in (str(path), "checksum mismatch", f"chunk {chunk} ", "'w'", "rank 0"):
+        assert needle in msg, f"{needle!r} not in {msg}"
