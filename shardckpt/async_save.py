@@ -135,10 +135,12 @@ class AsyncSaver:
         nice = background_nice()  # first: a bad setting raises before any group is made
         self.comm = comm
         self.side = comm.side_group()
-        # The background threads yield the CPU to training (lower_priority); the replicas are
-        # hashed inside the stall, where the training loop waits, so on threads of their own.
+        # The encoders and writers, the bulk of a save's CPU, yield it to training (lower_priority).
+        # The commit thread keeps the job's priority: its collectives and the memory tier's copies
+        # to peers hold up the other ranks' commit and the next save while it waits for a core.
+        # The replicas are hashed inside the stall, where the training loop waits for them.
         self.writers = ThreadPoolExecutor(io_threads(), "shardckpt-write", lower_priority, (nice,))
-        self.committer = ThreadPoolExecutor(1, "shardckpt-commit", lower_priority, (nice,))
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-commit")
         self.hashers = ThreadPoolExecutor(io_threads(), thread_name_prefix="shardckpt-hash")
         self.staging = StagingPool(budget_bytes)
         self.copier = DeviceCopier()

@@ -85,8 +85,8 @@ def io_threads() -> int:
 
 
 def background_nice() -> int:
-    """The nice value of the threads that encode, write and commit an ``async_save`` in the
-    background: 19, the lowest priority, unless ``SHARDCKPT_BACKGROUND_NICE`` (0-19) says otherwise.
+    """The nice value of the threads that encode and write an ``async_save`` in the background:
+    19, the lowest priority, unless ``SHARDCKPT_BACKGROUND_NICE`` (0-19) says otherwise.
     The training loop does not wait for those threads, so they should run on the CPU it leaves
     idle rather than take cores from it (measured: docs/benchmarks.md, "Background threads at the
     lowest priority"). 0 runs them as the training runs."""
