@@ -142,14 +142,11 @@ def stage(
         # Not detached unless handed on as is: the copies below run without autograd, and a
         # detach per item was a tenth of a small state's snapshot.
         w, view, device = src.write, src.view, src.device
-        if not copy_host and device == "cpu" and view.is_contiguous():
+        if (staging is None or not copy_host) and device == "cpu" and view.is_contiguous():
             yield StagedWrite(w, src.dtype, view.detach())
             continue
         if staging is None:
-            if device == "cpu" and view.is_contiguous():
-                yield StagedWrite(w, src.dtype, view.detach())
-            else:
-                yield StagedWrite(w, src.dtype, view.detach().to("cpu", copy=True).contiguous())
+            yield StagedWrite(w, src.dtype, view.detach().to("cpu", copy=True).contiguous())
             continue
         if device != "cpu" or held + src.nbytes > _BATCH_BYTES or (
             staging.budget is not None and held + src.nbytes > staging.budget

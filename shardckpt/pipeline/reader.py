@@ -230,15 +230,21 @@ def _reraise(exc: BaseException, where: str) -> NoReturn:
     raise CheckpointError(f"{where}: reading failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:
-    """The target's bytes for this block, when the whole block lands in one contiguous CPU region:
-    then the block is read or decoded straight into the target, with no staging copy."""
-    if read.overlap != read.box or req.target.device.type != "cpu" or req.target.dtype != req.entry.torch_dtype:
-        return None  # (another dtype: load(dtype_cast=True), cast by place_block's copy_)
-    region = req.target[read.box.slices_within(req.needed)] if read.box.sizes else req.target
+def _target_bytes(req: ReadRequest, box: Box) -> np.ndarray | None:
+    """The target's bytes for ``box``, when they are one contiguous CPU region of the stored dtype
+    (another dtype: load(dtype_cast=True), cast by place_block's copy_)."""
+    if req.target.device.type != "cpu" or req.target.dtype != req.entry.torch_dtype:
+        return None
+    region = req.target[box.slices_within(req.needed)] if box.sizes else req.target
     if not region.is_contiguous():
         return None
     return region.reshape(-1).view(torch.uint8).numpy()
+
+
+def _direct_destination(req: ReadRequest, read: BlockRead) -> np.ndarray | None:
+    """The target's bytes for this block, when the whole block lands in one contiguous CPU region:
+    then the block is read or decoded straight into the target, with no staging copy."""
+    return _target_bytes(req, read.box) if read.overlap == read.box else None
 
 
 def read_into_target(storage: Storage, index: CheckpointIndex, req: ReadRequest, read: BlockRead, where: str) -> None:
@@ -262,16 +268,12 @@ def _direct_run(req: ReadRequest, read: BlockRead) -> tuple[int, int, np.ndarray
     """For a partly needed raw block whose needed part is one run of bytes both in the block (C
     order: a band of whole rows, as when a Shard(0) save loads at another world size) and in the
     target: the run's bytes in the block and the target's bytes it goes to."""
-    if req.target.device.type != "cpu" or req.target.dtype != req.entry.torch_dtype:
-        return None
     itemsize = req.entry.torch_dtype.itemsize
     lo, hi = _byte_span(read.box, read.overlap, itemsize)
     if hi - lo != read.overlap.volume * itemsize:
         return None
-    region = req.target[read.overlap.slices_within(req.needed)]
-    if not region.is_contiguous():
-        return None
-    return lo, hi, region.reshape(-1).view(torch.uint8).numpy()
+    dest = _target_bytes(req, read.overlap)
+    return None if dest is None else (lo, hi, dest)
 
 
 def place_block(req: ReadRequest, read: BlockRead, block: torch.Tensor) -> None:
