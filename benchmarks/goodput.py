@@ -170,12 +170,12 @@ class _Saver:
 
 
 def _renice_shardckpt_threads(nice: int) -> None:
-    """Set the nice value of shardckpt's background threads (its writer pool and committer: their
-    OS threads, by native id; Linux keeps a nice value per thread). The modes share those threads,
+    """Set the nice value of the threads shardckpt lowers, its encoder and writer pool (their OS
+    threads, by native id; Linux keeps a nice value per thread). The modes share those threads,
     and pool threads start on demand, so this runs after every save, with the library's own value
     for the modes that do not set one."""
     for t in threading.enumerate():
-        if t.name.startswith(("shardckpt-write", "shardckpt-commit")) and t.native_id is not None:
+        if t.name.startswith("shardckpt-write") and t.native_id is not None:
             try:
                 os.setpriority(os.PRIO_PROCESS, t.native_id, nice)
             except (OSError, ProcessLookupError):  # the thread ended meanwhile, or no permission to lower it
