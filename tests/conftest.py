@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 
 import pytest
 
 from shardckpt.pipeline.staging import DeviceCopier
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir(tmp_path_factory):
+    """Points TMPDIR at pytest's own temporary tree for the session, so that what the processes
+    the tests start leave behind there (torchrun's agents never remove their torchelastic_* log
+    folders, and a killed agent cannot) is pruned with pytest's old runs, not left in /tmp."""
+    scratch = tmp_path_factory.mktemp("tmpdir")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
 
 
 @pytest.fixture
