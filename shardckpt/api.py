@@ -118,15 +118,17 @@ def load(
 def load_from(
     state: dict[str, object], storage: Storage, where: str, comm: Comm, *, strict: bool = True,
     read_once: bool = False, dtype_cast: bool = False, file_readers: dict[str, frozenset[int]] | None = None,
+    index: CheckpointIndex | None = None,
 ) -> None:
     """``load`` from an open ``storage`` (closed when done); ``where`` names it in messages.
 
     ``file_readers`` is for storages that differ by rank (the memory tier: each rank sees its own
     node's files): it names the ranks that hold each data file, and blocks then travel from a rank
-    that holds them to the ranks that need them (``read_shared``)."""
+    that holds them to the ranks that need them (``read_shared``). ``index``, on a rank whose
+    storage holds no index (a memory-tier node that holds no step), is the one to use."""
     walks: list[LoadWalk] = []
     try:
-        _load_from(state, storage, where, comm, strict, read_once, dtype_cast, file_readers, walks)
+        _load_from(state, storage, where, comm, strict, read_once, dtype_cast, file_readers, walks, index)
     except BaseException:
         for walk in walks:
             walk.undo_prefill()  # no optimizer is left holding uninitialized state
@@ -136,10 +138,12 @@ def load_from(
 def _load_from(
     state: dict[str, object], storage: Storage, where: str, comm: Comm, strict: bool, read_once: bool,
     dtype_cast: bool, file_readers: dict[str, frozenset[int]] | None, walks: list[LoadWalk],
+    given: CheckpointIndex | None,
 ) -> None:
     path = where
     try:
-        index, ids = comm.run(f"load from {path}: reading the index", lambda: _read_index_and_id(storage))
+        index, ids = comm.run(f"load from {path}: reading the index",
+                              lambda: _read_index_and_id(storage) if given is None else (given, given.save_id))
         if len(set(ids)) > 1:
             raise CorruptCheckpointError(
                 f"{where}: ranks read different indexes ({sorted(set(map(str, ids)))}); was the checkpoint "

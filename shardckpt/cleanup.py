@@ -64,7 +64,7 @@ def collect(root: Storage, keep_last: int | None, keep_every: int | None) -> lis
         if step in keep:
             continue
         torn = step not in committed
-        if _remove_step(root, name, "torn" if torn else "retention"):
+        if remove_step(root, name, "torn" if torn else "retention"):
             removed.append(step)
             log.info("%s %s/%s", "removed torn save" if torn else "retention removed step", root.location, name)
     # A save killed before any of its objects completed leaves only open multipart uploads: no
@@ -80,7 +80,9 @@ def collect(root: Storage, keep_last: int | None, keep_every: int | None) -> lis
     return removed
 
 
-def _remove_step(root: Storage, name: str, point: str) -> bool:
+def remove_step(root: Storage, name: str, point: str) -> bool:
+    """Uncommit and delete the step directory ``name``; False (logged) when it is a link, its lock
+    is held or a deletion fails."""
     where = f"{root.location}/{name}"
     try:
         step = root.child(name)

@@ -118,7 +118,7 @@ class CheckpointManager:
         self._pending: tuple[int, SaveHandle] | None = None
         self._lock = self._storage.lock("CheckpointManager") if self.comm.is_coordinator else None
         # The memory tier in front of the root (memtier): saved every ``memory.every`` steps.
-        self.memory = memory
+        self.memory = memory.for_root(str(where.path.absolute()) if where.path is not None else where.url) if memory else None
         self._pending_memory: tuple[int, SaveHandle] | None = None
         self.last_restore: RestoreReport | None = None  # what the last restore chose, and why
 

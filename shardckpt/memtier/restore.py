@@ -4,11 +4,12 @@ receiving the others from a rank on a node that holds them (``read_shared``), ev
 against the index's checksum.
 
 The choice is a pure function of what each surviving node reports (one gather), so every rank
-makes the same one. A step is skipped, with the reason, when a surviving node lacks its index, when
-the nodes' indexes differ (a stale tier from another save), or when some file has no intact copy
-(right size) on any surviving node. A node whose tier is empty (a replacement that just joined)
-holds nothing to disagree with: it takes part in the load, reading nothing itself. A rank never
-opens a file outside its own node's tier.
+makes the same one. A step is skipped, with the reason, when a surviving node does not hold it
+whole (store.py), when the nodes' indexes differ (a stale tier from another save, or a damaged
+one), or when some file has no intact copy (right size) on any surviving node. A node whose tier
+holds no step at all (a replacement that just joined) holds nothing to disagree with: it takes
+part in the load, receives the index from a node that holds the step and reads nothing itself. A
+rank never opens a file outside its own node's tier.
 """
 
 from __future__ import annotations
@@ -30,19 +31,24 @@ class Choice:
         return {f: frozenset(r for n in held for r in nodes.ranks_on(n)) for f, held in self.holders.items()}
 
 
-def choose_step(nodes: NodeMap, views: list[dict[int, StepView]]) -> Choice:
-    """``views[n]``: what node n (of ``nodes.nodes``) holds, by step. The newest step that every
-    node holds with the same index and whose every file has an intact copy somewhere."""
+def choose_step(nodes: NodeMap, views: list[dict[int, StepView]], newer_than: int | None = None) -> Choice:
+    """``views[n]``: the steps node n (of ``nodes.nodes``) holds whole. The newest step (after
+    ``newer_than``) that every node holding any step holds with the same index, and whose every
+    file has an intact copy somewhere."""
     skipped: list[str] = []
-    for step in sorted({s for held in views for s in held}, reverse=True):
+    for step in sorted({s for held in views for s in held if newer_than is None or s > newer_than}, reverse=True):
         missing = [nodes.nodes[n] for n, held in enumerate(views) if held and step not in held]
         if missing:
-            skipped.append(f"step {step}: not on node(s) {', '.join(missing)} (its save did not finish there)")
+            skipped.append(f"step {step}: not whole on node(s) {', '.join(missing)} (its save did not finish there)")
             continue
         have = {n: held[step] for n, held in enumerate(views) if held}
         ids = sorted({v.save_id for v in have.values()})
-        if len(ids) > 1 or len({tuple(sorted(v.declared.items())) for v in have.values()}) > 1:
+        if len(ids) > 1:
             skipped.append(f"step {step}: the nodes hold different saves of it ({', '.join(ids)}); a stale tier")
+            continue
+        if len({v.digest for v in have.values()}) > 1:
+            differ = ", ".join(f"{nodes.nodes[n]}: {v.digest[:12]}" for n, v in have.items())
+            skipped.append(f"step {step}: the nodes' indexes of it differ ({differ}); a damaged or mixed tier")
             continue
         declared = next(iter(have.values())).declared
         holders = {f: [n for n, v in have.items() if v.present.get(f) == size] for f, size in declared.items()}

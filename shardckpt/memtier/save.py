@@ -5,13 +5,15 @@
    every rank before anything is published.
 3. The coordinator builds and checks the index exactly as a disk save does and publishes it on its
    node; the index travels to every rank in the commit gather, and each node's lead rank publishes
-   it (with ``tier.json``, where each file's copies are) on its node.
-4. Once every node has published, each node's lead drops the steps beyond ``keep_last``.
+   it on its node.
+4. Once every node has published, each node's lead writes ``tier.json`` (the save id, the index's
+   digest, where each file's copies are): the step is whole on that node from then on
+   (store.py). Then it removes files of an earlier save of the same step number and the steps
+   retention drops.
 
-A step is complete in the tier when every node holds its index; restore (restore.py) checks that,
-and that the surviving nodes still hold every file, before it reads anything. Nothing here deletes
-a file a published index names: a failed save leaves its files as a torn step, which the next
-retention pass removes.
+Restore (restore.py) uses a step only where it is whole, and only if the surviving nodes still
+hold every file. Nothing here deletes a file a published index names: a failed save leaves its
+files as a torn step, which a later retention pass removes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from shardckpt.async_save import WriteAndCommit
-from shardckpt.commit import RankResult, publish_index, rank_result
+from shardckpt.commit import RankResult, publish_index, rank_result, remove_stale_files
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, RankFailedError
 from shardckpt.format.schema import DATA_DIR, INDEX_NAME
@@ -123,16 +125,23 @@ def _commit(
     lead = tier.nodes.lead(node) == comm.rank
 
     def publish_here() -> tuple[None, object]:
+        if lead and node != tier.nodes.node_of[0]:  # the coordinator's node has its index already
+            storage.publish(INDEX_NAME, index_text.encode())
+        return None, None
+
+    def record_here() -> tuple[None, object]:
+        # Only now that every node holds the index does the step become whole on this node.
         if lead:
-            tier.store.write_placement(tier.step, prep.save_id, placement)
-            if node != tier.nodes.node_of[0]:  # the coordinator's node has its index already
-                storage.publish(INDEX_NAME, index_text.encode())
+            tier.store.write_record(tier.step, prep.save_id, index_text.encode(), placement)
         return None, None
 
     comm.run(f"{what}: publishing the index on every node", publish_here)
+    comm.run(f"{what}: recording the step as whole on every node", record_here)
     if lead:
+        # A save of a step number the tier held already leaves the earlier save's files behind.
+        remove_stale_files(storage, {f for f in files if f is not None})
         try:
-            removed = tier.store.retain(tier.keep_last)
+            removed = tier.store.retain(tier.keep_last, tier.step)
         except (OSError, CheckpointError) as e:  # retention must never fail a committed save
             log.warning("memory tier retention on node %s failed: %s", tier.store.node, e)
         else:

@@ -2,25 +2,31 @@
 out like a manager root, so the same storage code writes it, lists it and removes old steps.
 
 A step directory holds the data files of the node's own ranks, the copies it keeps for ranks of
-other nodes, ``tier.json`` (where the coordinator placed each file's copies) and ``index.json``:
-the global index, the same on every node, written last. A step is present on a node once its
-``index.json`` is; files in ``/dev/shm`` outlive the training processes (a worker restart) but
-not the node.
+other nodes, ``index.json`` (the global index, the same on every node) and, last, ``tier.json``:
+the step's save id, the digest of its index and where the coordinator placed each file's copies.
+A node's lead writes ``tier.json`` only once every node has published the index, so a step is
+held by a node when its ``tier.json`` names the save and the digest of the ``index.json`` beside
+it: a save that failed on any node, a step left half replaced by a later save of the same number,
+or an index damaged in memory is held nowhere. Files in ``/dev/shm`` outlive the training
+processes (a worker restart) but not the node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardckpt.catalog import committed_in
-from shardckpt.cleanup import collect
-from shardckpt.commit import read_committed_index
+from shardckpt.cleanup import remove_step, step_dirs
 from shardckpt.errors import CheckpointError
-from shardckpt.format.schema import DATA_DIR
+from shardckpt.format.index_json import decode_index
+from shardckpt.format.schema import DATA_DIR, INDEX_NAME, CheckpointIndex
 from shardckpt.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
 
 TIER_NAME = "tier.json"
 DEFAULT_ROOT = "/dev/shm/shardckpt"
@@ -28,16 +34,26 @@ DEFAULT_ROOT = "/dev/shm/shardckpt"
 
 @dataclass(frozen=True)
 class StepView:
-    """What one node holds of one step: the index's save id, the files the index declares (name
-    -> size) and those present on this node with their sizes."""
+    """What one node holds of one step: the index's save id and digest, the files the index
+    declares (name -> size) and those present on this node with their sizes."""
 
     step: int
     save_id: str
+    digest: str
     declared: dict[str, int]
     present: dict[str, int]
 
     def payload(self) -> list[object]:
-        return [self.step, self.save_id, self.declared, self.present]
+        return [self.step, self.save_id, self.digest, self.declared, self.present]
+
+    @staticmethod
+    def of(payload: list[object]) -> StepView:
+        step, save_id, digest, declared, present = payload
+        return StepView(int(step), str(save_id), str(digest), dict(declared), dict(present))  # type: ignore[call-overload, arg-type]
+
+
+def index_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 class TierStore:
@@ -56,36 +72,48 @@ class TierStore:
         return open_storage(self.node_dir)
 
     def steps(self) -> list[int]:
-        """Steps whose index this node holds, ascending."""
+        """Step directories on this node (whole or not; never a symbolic link), ascending."""
         if not self.node_dir.is_dir():
             return []
-        return committed_in(self.node_storage())
+        return sorted(step_dirs(self.node_storage()))
+
+    def held(self, step: int) -> tuple[CheckpointIndex, bytes] | None:
+        """``step``'s index and its bytes if this node holds the step whole (``tier.json`` names
+        the index's save and digest); None for a torn, failed, half-replaced or damaged step."""
+        storage = self.step_storage(step)
+        where = f"{storage.location}/{INDEX_NAME}"
+        try:
+            data = storage.read_all(INDEX_NAME, 1 << 30)
+            record = json.loads(storage.read_all(TIER_NAME, 1 << 24))
+            index = decode_index(data, where)
+            if record["save_id"] != index.save_id or record["index_sha256"] != index_digest(data):
+                return None
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            storage.close()
+        return index, data
 
     def view(self, step: int) -> StepView | None:
-        """What this node holds of ``step``; None when its index is unreadable (a torn or damaged
-        step is no candidate)."""
+        """What this node holds of ``step``; None unless it holds the step whole."""
+        got = self.held(step)
+        if got is None:
+            return None
+        index, data = got
         storage = self.step_storage(step)
         try:
-            index = read_committed_index(storage)
             present = {name: storage.size(name) for name in storage.list(DATA_DIR)}
         except (CheckpointError, OSError):
             return None
         finally:
             storage.close()
-        return StepView(step, index.save_id, {f.name: f.size for f in index.files}, present)
+        return StepView(step, index.save_id, index_digest(data), {f.name: f.size for f in index.files}, present)
 
-    def write_placement(self, step: int, save_id: str, copies: dict[str, list[str]]) -> None:
-        storage = self.step_storage(step)
-        storage.publish(TIER_NAME, json.dumps({"step": step, "save_id": save_id, "copies": copies}).encode())
-
-    def placement(self, step: int) -> dict[str, list[str]]:
-        """``tier.json``'s record of where each file's copies were placed ({} if unreadable)."""
-        try:
-            data = json.loads((self.step_dir(step) / TIER_NAME).read_bytes())
-            copies = data["copies"]
-            return {str(k): [str(n) for n in v] for k, v in copies.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return {}
+    def write_record(self, step: int, save_id: str, index: bytes, copies: dict[str, list[str]]) -> None:
+        """Publish ``tier.json``, which makes the step whole on this node: call it only once every
+        node has published the index."""
+        record = {"step": step, "save_id": save_id, "index_sha256": index_digest(index), "copies": copies}
+        self.step_storage(step).publish(TIER_NAME, json.dumps(record).encode())
 
     def held_bytes(self) -> int:
         """Bytes of files under this node's tier: what the tier costs the node's memory."""
@@ -98,6 +126,22 @@ class TierStore:
                     continue
         return total
 
-    def retain(self, keep_last: int) -> list[int]:
-        """Remove this node's torn steps and all but its newest ``keep_last`` complete ones."""
-        return collect(self.node_storage(), keep_last, None)
+    def retain(self, keep_last: int, current: int) -> list[int]:
+        """After ``current`` became whole on every node: keep the newest ``keep_last`` whole steps
+        up to ``current`` and what lies between them; remove older steps, and steps numbered after
+        ``current``, which a job whose steps rise cannot have written (a previous run under the
+        same job name, or steps past a point the job went back to) and must never restore.
+        Returns the steps removed. A step whose own lock a save holds is never removed."""
+        root = self.node_storage()
+        dirs = step_dirs(root)
+        whole = [s for s in sorted(dirs) if s <= current and self.held(s) is not None]
+        keep_from = whole[-keep_last:][0] if whole else current
+        removed = []
+        for step, name in sorted(dirs.items()):
+            if keep_from <= step <= current:
+                continue
+            why = "retention" if step < keep_from else f"stale (numbered after the step just saved, {current})"
+            if remove_step(root, name, "retention"):
+                removed.append(step)
+                log.info("memory tier on node %s: removed step %d: %s", self.node, step, why)
+        return removed

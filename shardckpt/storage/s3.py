@@ -119,7 +119,6 @@ def _new_client(options: S3Options) -> S3Client:
         raise CheckpointError("s3:// locations need boto3: pip install 'shardckpt[s3]'") from e
     # botocore reads AWS_DEFAULT_REGION; AWS_REGION is the name the issue and most SDKs use.
     region = options.region or os.environ.get("AWS_REGION") or None
-    session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
     config = Config(
         max_pool_connections=max(16, 2 * options.max_concurrency),
         retries={"max_attempts": options.max_attempts, "mode": "standard"},
@@ -127,11 +126,13 @@ def _new_client(options: S3Options) -> S3Client:
         read_timeout=options.read_timeout,
     )
     try:
+        # A profile missing from ~/.aws (S3Options.profile or AWS_PROFILE) fails here, in the session.
+        session = boto3.session.Session(profile_name=options.profile) if options.profile else boto3.session.Session()
         return session.client(  # type: ignore[no-any-return]
             "s3", endpoint_url=options.endpoint_url, region_name=region, aws_access_key_id=options.access_key_id,
             aws_secret_access_key=options.secret_access_key, aws_session_token=options.session_token, config=config,
         )
-    except Exception as e:  # botocore raises ValueError and its own errors for a bad endpoint or region
+    except Exception as e:  # botocore raises ValueError and its own errors for a bad endpoint, region or profile
         raise CheckpointIOError(f"cannot configure the S3 client ({type(e).__name__}: {e})") from e
 
 
@@ -167,7 +168,10 @@ class S3Storage:
         self.options = options or S3Options()
         if self.options.part_size < MIN_PART:
             raise CheckpointError(f"S3 part_size must be at least {MIN_PART} bytes, not {self.options.part_size}")
-        self.client = client if client is not None else _client(self.options)
+        try:
+            self.client = client if client is not None else _client(self.options)
+        except CheckpointIOError as e:
+            raise CheckpointIOError(f"{self.location}: {e}") from e
         self._base = f"{self.prefix}/" if self.prefix else ""
         self._meta: dict[str, tuple[int, str]] = {}  # name -> (size, ETag) as size() saw it
         self._lock = threading.Lock()

@@ -46,8 +46,13 @@ def save_steps(rank: int, world: int, root: str, steps: list[int], per_node: int
     return _tier(root, **kw).store().held_bytes()
 
 
-def restore(rank: int, world: int, root: str, per_node: int, node_offset: int) -> list[object]:
-    node = f"n{rank // per_node + node_offset}"
+def restore(rank: int, world: int, root: str, per_node: int, node_offset: int, newer_than: int | None = None) -> list[object]:
+    return restore_on(rank, world, root, [f"n{r // per_node + node_offset}" for r in range(world)], newer_than)
+
+
+def restore_on(rank: int, world: int, root: str, names: list[str], newer_than: int | None = None) -> list[object]:
+    """Restore on rank ``rank`` of node ``names[rank]``, counting every file it opens."""
+    node = names[rank]
     os.environ["SHARDCKPT_NODE_ID"] = node
     target = _sharded(0, world)
     target["step"] = -1
@@ -60,13 +65,14 @@ def restore(rank: int, world: int, root: str, per_node: int, node_offset: int) -
 
     os.open = counting_open  # every file and directory the restore opens, storage included
     try:
-        got = memory_restore(target, _tier(root))
+        got = memory_restore(target, _tier(root), newer_than=newer_than)
     finally:
         os.open = real_open
     tier = os.path.join(root, "t")
     foreign = [p for p in opened if p.startswith(tier) and not p.startswith(os.path.join(tier, node))]
     assert not foreign, f"rank {rank} on {node} opened another node's tier: {foreign[:3]}"
-    assert any(p.startswith(os.path.join(tier, node)) for p in opened)  # the counter saw the reads
+    # The counter saw the reads (a node with no tier has nothing of its own to open).
+    assert any(p.startswith(os.path.join(tier, node)) for p in opened) == os.path.isdir(os.path.join(tier, node))
     if got.step is None:
         return [None, got.reason, True]
     want = _sharded(got.step, world)
@@ -112,7 +118,7 @@ def test_a_step_missing_on_one_node_is_skipped_for_the_older_one(tmp_path):
     os.remove(tmp_path / "t" / "n1" / "step-00000020" / "index.json")  # step 20 never finished on n1
     for step, reason, same in run_ranks(4, restore, str(tmp_path), 2, 0):
         assert step == 10 and same
-        assert "step 20: not on node(s) n1" in reason
+        assert "step 20: not whole on node(s) n1" in reason
 
 
 def test_a_corrupt_copy_is_skipped_for_the_older_step(tmp_path):
@@ -159,3 +165,83 @@ def test_a_single_node_tier_without_copies(tmp_path, replicas):
     run_ranks(2, save_steps, str(tmp_path), [5], 2, {"replicas": replicas})
     for step, _reason, same in run_ranks(2, restore, str(tmp_path), 2, 0):
         assert step == 5 and same
+
+
+def test_a_replacement_node_with_an_empty_tier_takes_part_and_reads_nothing_itself(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [10, 20], 2, {})
+    _wipe(tmp_path, "n1")
+    # n1 is gone; a fresh node n2 (no tier) joins the survivor n0. n2's ranks get the index from
+    # n0 and every block from n0's ranks; restore_on checks they opened nothing under the tier.
+    for step, reason, same in run_ranks(4, restore_on, str(tmp_path), ["n0", "n0", "n2", "n2"]):
+        assert step == 20 and same, reason
+    assert not (tmp_path / "t" / "n2").exists()
+
+
+def test_a_node_that_holds_older_steps_only_is_no_replacement(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [10, 20], 2, {})
+    os.remove(tmp_path / "t" / "n1" / "step-00000020" / "index.json")  # step 20 failed on n1
+    # Asked for steps after 19 (the manager asks for those at least as new as the durable one),
+    # n1 still says it holds step 10, so step 20 lacks a node: nothing to restore, not a crash.
+    for step, reason, _ in run_ranks(4, restore, str(tmp_path), 2, 0, 19):
+        assert step is None
+        assert "step 20: not whole on node(s) n1" in reason
+
+
+def test_an_index_that_differs_on_one_node_is_never_loaded(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [10, 20], 2, {})
+    index = tmp_path / "t" / "n1" / "step-00000020" / "index.json"
+    text = index.read_text()
+    assert text.count('"value":20}') == 1
+    index.write_text(text.replace('"value":20}', '"value":28}'))  # still a valid index
+    for step, reason, same in run_ranks(4, restore, str(tmp_path), 2, 0):
+        assert step == 10 and same, reason  # every rank loads the same older step
+        assert "step 20: not whole on node(s) n1" in reason
+
+
+def test_a_higher_step_left_by_an_earlier_run_is_removed_not_restored(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [100], 2, {})
+    # A new run under the same job name saves from step 1: step 100 is not of its history.
+    run_ranks(4, save_steps, str(tmp_path), [1, 2], 2, {"keep_last": 2})
+    for node in ("n0", "n1"):
+        assert sorted(os.listdir(tmp_path / "t" / node)) == ["step-00000001", "step-00000002"]
+    for step, reason, same in run_ranks(4, restore, str(tmp_path), 2, 0):
+        assert step == 2 and same, reason
+
+
+def test_keep_last_counts_steps_whole_on_every_node(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [2, 3], 2, {"keep_last": 2})
+    for node in ("n0", "n1"):  # step 3's save failed before it was recorded as whole anywhere
+        os.remove(tmp_path / "t" / node / "step-00000003" / "tier.json")
+    run_ranks(4, save_steps, str(tmp_path), [4], 2, {"keep_last": 2})
+    for node in ("n0", "n1"):  # 2 and 4 are the two newest whole steps; 3 lies between them
+        assert sorted(os.listdir(tmp_path / "t" / node)) == ["step-00000002", "step-00000003", "step-00000004"]
+    for node in ("n0", "n1"):
+        shutil.rmtree(tmp_path / "t" / node / "step-00000004")
+    for step, reason, same in run_ranks(4, restore, str(tmp_path), 2, 0):
+        assert step == 2 and same, reason
+
+
+def test_saving_a_step_again_leaves_only_the_new_saves_files(tmp_path):
+    run_ranks(4, save_steps, str(tmp_path), [20, 20, 20], 2, {})
+    for node in ("n0", "n1"):
+        assert len(os.listdir(tmp_path / "t" / node / "step-00000020" / "data")) == 4
+    for step, reason, same in run_ranks(4, restore, str(tmp_path), 2, 0):
+        assert step == 20 and same, reason
+
+
+def save_into_link(rank: int, world: int, root: str) -> str:
+    os.environ["SHARDCKPT_NODE_ID"] = f"n{rank // 2}"
+    try:
+        memory_save(_sharded(30, world), 30, _tier(root)).wait()
+    except shardckpt.CheckpointError as e:
+        return type(e).__name__
+    return "saved"
+
+
+def test_a_step_directory_that_is_a_link_is_refused_on_every_rank(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "t" / "n0").mkdir(parents=True)
+    (tmp_path / "t" / "n0" / "step-00000030").symlink_to(outside)
+    assert run_ranks(4, save_into_link, str(tmp_path)) == ["CheckpointIOError"] * 2 + ["RankFailedError"] * 2
+    assert not list(outside.iterdir())

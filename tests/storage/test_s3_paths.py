@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,18 @@ def test_wrong_credentials_name_the_url(s3_auth: MotoS3, s3_env: MotoS3, s3_pref
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     with pytest.raises(StorageAccessError, match=f"{url}.*refused"):
         shardckpt.save(_state(1), url)
+
+
+def test_a_missing_profile_is_a_checkpoint_error_naming_the_url(monkeypatch: pytest.MonkeyPatch):
+    url = "s3://some-bucket/run/step-1"
+    for options, env in ((shardckpt.S3Options(profile="no-such-profile"), None), (None, "no-such-profile")):
+        if env:
+            monkeypatch.setenv("AWS_PROFILE", env)
+        for action in (partial(shardckpt.load, _state(1), url, s3=options),
+                       partial(shardckpt.committed_steps, "s3://some-bucket/run", s3=options),
+                       partial(shardckpt.CheckpointManager, "s3://some-bucket/run", s3=options)):
+            with pytest.raises(CheckpointIOError, match=f"{url.rsplit('/', 2)[0]}.*ProfileNotFound.*no-such-profile"):
+                action()
 
 
 def test_missing_bucket_names_the_url_and_bucket(s3_env: MotoS3):

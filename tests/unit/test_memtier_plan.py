@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import shardckpt
 from shardckpt.errors import StateMismatchError
+from shardckpt.memtier import MemoryTier
 from shardckpt.memtier.nodes import node_map
 from shardckpt.memtier.restore import choose_step
 from shardckpt.memtier.store import StepView
@@ -25,9 +27,9 @@ def test_uneven_nodes_wrap_the_local_index():
     assert nodes.lead(1) == 3 and nodes.ranks_on(0) == [0, 1, 2]
 
 
-def _view(step: int, save_id: str = "s", present: dict[str, int] | None = None) -> StepView:
+def _view(step: int, save_id: str = "s", present: dict[str, int] | None = None, digest: str = "d") -> StepView:
     declared = {"f0": 10, "f1": 20}
-    return StepView(step, save_id, declared, declared if present is None else present)
+    return StepView(step, save_id, f"{save_id}-{digest}", declared, declared if present is None else present)
 
 
 def test_the_newest_step_every_node_holds_whole_is_chosen():
@@ -40,8 +42,9 @@ def test_the_newest_step_every_node_holds_whole_is_chosen():
 @pytest.mark.parametrize(
     ("second", "why"),
     [
-        ({1: _view(1)}, "step 2: not on node(s) b"),
+        ({1: _view(1)}, "step 2: not whole on node(s) b"),
         ({1: _view(1), 2: _view(2, save_id="other")}, "step 2: the nodes hold different saves of it (other, s)"),
+        ({1: _view(1), 2: _view(2, digest="flipped")}, "step 2: the nodes' indexes of it differ (a: s-d, b: s-flipped)"),
     ],
 )
 def test_a_step_missing_or_mixed_on_a_node_is_skipped(second, why):
@@ -61,5 +64,27 @@ def test_a_replacement_node_with_an_empty_tier_does_not_block_the_step():
     choice = choose_step(nodes, [{1: _view(1), 2: _view(2)}, {}])
     assert choice.step == 2 and choice.holders == {"f0": [0], "f1": [0]}
     assert choice.file_readers(nodes) == {"f0": frozenset({0}), "f1": frozenset({0})}
-    # A node that holds other steps but not this one does block it.
+    # A node that holds other steps but not this one does block it, even steps older than those
+    # asked for: it is no replacement.
     assert choose_step(nodes, [{1: _view(1), 2: _view(2)}, {1: _view(1)}]).step == 1
+    assert choose_step(nodes, [{1: _view(1), 2: _view(2)}, {1: _view(1)}], newer_than=1).step is None
+
+
+def test_newer_than_bounds_the_candidates():
+    views = [{1: _view(1), 2: _view(2), 3: _view(3)}, {1: _view(1), 2: _view(2), 3: _view(3)}]
+    assert choose_step(node_map(["a", "b"]), views, newer_than=1).step == 3
+    assert choose_step(node_map(["a", "b"]), views, newer_than=3).step is None
+
+
+def test_a_manager_names_its_memory_tier_after_its_durable_root(tmp_path):
+    tier = MemoryTier(root=str(tmp_path / "shm"))
+    a, b = tier.for_root("/data/run-a/ckpt"), tier.for_root("/data/run-b/ckpt")
+    assert a.job != b.job and a.job.startswith("ckpt-") and a == tier.for_root("/data/run-a/ckpt")
+    assert tier.for_root("s3://bucket/runs/exp1/").job.startswith("exp1-")
+    assert MemoryTier(job="mine").for_root("/data/run-a/ckpt").job == "mine"
+    assert tier.store("n").root.name == "default"  # memory_save and memory_restore alone
+    manager = shardckpt.CheckpointManager(tmp_path / "ckpt", memory=tier)
+    try:
+        assert manager.memory == tier.for_root(str(tmp_path / "ckpt"))
+    finally:
+        manager.close()
