@@ -74,6 +74,11 @@ class SaveHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    @property
+    def succeeded(self) -> bool:
+        """Whether the save has ended committed (False while it runs)."""
+        return self._future.done() and self._future.exception() is None
+
     def wait_snapshot(self, timeout: float | None = None) -> None:
         """Block until the snapshot is taken: from then on the saved tensors may change in place.
         Returns at once unless the save is lazy; a lazy save's snapshot ends, copied or failed,

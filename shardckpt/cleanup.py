@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from shardckpt.errors import CheckpointError
 from shardckpt.format.schema import INDEX_NAME
@@ -42,23 +43,50 @@ def is_committed(root: Storage, name: str) -> bool:
     return root.child(name).exists(INDEX_NAME)
 
 
-def retained(steps: list[int], keep_last: int | None, keep_every: int | None) -> set[int]:
-    """The committed steps that retention keeps: the newest always, then the policy."""
+def retained(
+    steps: list[int], keep_last: int | None, keep_every: int | None, usable: Callable[[int], bool] | None = None,
+) -> set[int]:
+    """The committed steps that retention keeps: the newest always, then the policy. With
+    ``usable``, ``keep_last`` counts only steps that pass it: the steps walked over to find them
+    are kept too, so a damaged newer step never costs a loadable older one its place."""
     if keep_last is None and keep_every is None:
         return set(steps)
     keep = set(steps[-1:])
     if keep_last is not None:
-        keep.update(steps[-keep_last:])
+        found = 0
+        for s in reversed(steps):
+            if found == keep_last:
+                break
+            keep.add(s)
+            found += usable is None or usable(s)
     if keep_every is not None:
         keep.update(s for s in steps if s % keep_every == 0)
     return keep
 
 
-def collect(root: Storage, keep_last: int | None, keep_every: int | None) -> list[int]:
-    """Remove torn step directories, then the committed steps retention drops; returns what went."""
+def collect(
+    root: Storage, keep_last: int | None, keep_every: int | None, upto: int | None = None,
+    usable: Callable[[int], bool] | None = None,
+) -> list[int]:
+    """Remove torn step directories, then the committed steps retention drops; returns what went.
+
+    Retention applies to the steps up to ``upto``, the step the job saves now (None: no retention,
+    only torn steps go). Steps numbered after it are neither counted nor removed: a job that went
+    back to an older step has them from before, and whether they are still wanted is the user's
+    call. ``usable`` (see ``retained``) tells a loadable step from a damaged one."""
     dirs = step_dirs(root)
     committed = sorted(s for s, name in dirs.items() if is_committed(root, name))
-    keep = retained(committed, keep_last, keep_every)
+    if upto is None:
+        keep = set(committed)
+    else:
+        later = [s for s in committed if s > upto]
+        keep = set(later) | retained([s for s in committed if s <= upto], keep_last, keep_every, usable)
+        if later:
+            log.warning(
+                "%s holds step(s) %s, numbered after step %d being saved: retention leaves them alone, and a "
+                "restore would pick them over this run's steps; remove them if the job went back on purpose",
+                root.location, later, upto,
+            )
     removed = []
     for step, name in sorted(dirs.items()):
         if step in keep:

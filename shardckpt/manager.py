@@ -70,7 +70,9 @@ class CheckpointManager:
     complete one.
 
     One job saves into a root at a time: the first save takes the root's lock (on the coordinator)
-    and a second manager or job saving there gets ``CheckpointInUseError``. ``close()`` gives it back.
+    and a second manager or job saving there gets ``CheckpointInUseError``. ``close()`` gives it back
+    (so does leaving ``with CheckpointManager(...) as manager:``, and so does a manager dropped
+    unclosed, once it is garbage collected).
 
     With ``memory`` (a ``MemoryTier``), every ``memory.every`` steps are also saved into host
     memory, copied to other nodes, and ``restore`` loads from there when the surviving nodes hold
@@ -116,6 +118,10 @@ class CheckpointManager:
         self.compression = compression
         self.comm = Comm.for_group(process_group)
         self._pending: tuple[int, SaveHandle] | None = None
+        # Retention's view of the root: the step this manager saves last (it applies keep_last to
+        # the steps up to it), and which steps are known to load (checked once each).
+        self._last_saved: int | None = None
+        self._usable: dict[int, bool] = {}
         self._lock = self._storage.lock("CheckpointManager") if self.comm.is_coordinator else None
         # The memory tier in front of the root (memtier): saved every ``memory.every`` steps.
         self.memory = memory.for_root(str(where.path.absolute()) if where.path is not None else where.url) if memory else None
@@ -171,17 +177,21 @@ class CheckpointManager:
                 raise unseen
             if self._lock is not None:
                 self._lock.acquire()
-                self._collect()
+                self._collect(step)
                 self._storage.child(_step_name(step))  # refuses a local step that is a symbolic link
             return None, None
 
         self.comm.run(f"save of step {step} under {self.root}: housekeeping", housekeeping)
+        self._last_saved = step
+        self._usable.pop(step, None)  # a save again of a step replaces it
         path = self.path_for(step)
         metadata = {"step": step}
         if not self.async_save:
-            return save(
+            result = save(
                 state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
             )
+            self._usable[step] = True  # committed just now: retention need not read it back
+            return result
         handle = start_async_save(
             state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
         )
@@ -191,7 +201,11 @@ class CheckpointManager:
     def wait(self) -> SaveResult | None:
         """Wait for the save in flight (if any); raises its failure."""
         pending, self._pending = self._pending, None
-        return pending[1].wait() if pending else None
+        if pending is None:
+            return None
+        result = pending[1].wait()
+        self._usable[pending[0]] = True
+        return result
 
     def restore(
         self, state: dict[str, object], step: int | None = None, *, strict: bool = True, read_once: bool = False
@@ -248,6 +262,7 @@ class CheckpointManager:
             except CheckpointError as e:
                 if i + 1 == len(candidates) or not self._agree_to_fall_back(e):
                     raise
+                self._usable[chosen] = False  # bad bytes, agreed by every rank: retention counts it out
                 if self.comm.is_coordinator:
                     log.warning("restore: step %d under %s failed to load (%s); trying step %d", chosen, self.root, e,
                                 candidates[i + 1])
@@ -276,6 +291,18 @@ class CheckpointManager:
         except CheckpointError as e:
             log.warning("the memory-tier save of step %d failed: %s", pending[0], e)
 
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # leaving on an exception: that exception is the one to see, not a save's failure
+            self.close()
+        except CheckpointError as e:
+            log.warning("closing the manager of %s after %s: %s", self.root, kind.__name__, e)
+
     def close(self) -> None:
         """Wait for the save in flight, apply retention and give the root's lock back."""
         try:
@@ -283,7 +310,7 @@ class CheckpointManager:
             self.wait()
         finally:
             if self._lock is not None and self._lock.held:
-                self._collect()
+                self._collect(self._last_saved)
                 self._lock.release()
 
     def _finish_pending(self) -> CheckpointError | None:
@@ -292,13 +319,25 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        return unseen_failure(pending[1], f"the save of step {pending[0]} under {self.root}")
+        failure = unseen_failure(pending[1], f"the save of step {pending[0]} under {self.root}")
+        if failure is None and pending[1].succeeded:
+            self._usable[pending[0]] = True  # committed just now: retention need not read it back
+        return failure
 
-    def _collect(self) -> None:
+    def _collect(self, upto: int | None) -> None:
+        """Retention up to ``upto``, the step being saved (None: this manager saved nothing, so
+        only torn steps go). ``keep_last`` counts loadable steps only: a damaged step never takes
+        the place of the last step a restore can use."""
         try:
-            cleanup.collect(self._storage, self.keep_last, self.keep_every)
+            cleanup.collect(self._storage, self.keep_last, self.keep_every, upto, self._loads)
         except (OSError, CheckpointError) as e:  # garbage collection must never fail a save
             log.warning("cleaning up %s failed: %s", self.root, e)
+
+    def _loads(self, step: int) -> bool:
+        """Whether ``step`` looks loadable (``incomplete_reason``), or failed a restore here."""
+        if step not in self._usable:
+            self._usable[step] = incomplete_reason(self.path_for(step), self.s3) is None
+        return self._usable[step]
 
     def _complete_steps(self) -> list[int]:
         """Committed steps that look loadable, newest first; the others are named in a warning."""
@@ -306,6 +345,7 @@ class CheckpointManager:
         complete = []
         for s in reversed(steps):
             reason = incomplete_reason(self.path_for(s), self.s3)
+            self._usable[s] = reason is None
             if reason is None:
                 complete.append(s)
             else:

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from shardckpt.errors import CheckpointInUseError, CheckpointIOError
@@ -30,6 +31,7 @@ class PathLock:
         self.path = directory / LOCK_NAME
         self.purpose = purpose
         self._fd = -1
+        self._finalizer: weakref.finalize | None = None
 
     @property
     def held(self) -> bool:
@@ -57,6 +59,9 @@ class PathLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(owner).encode(), 0)
         self._fd = fd
+        # A lock whose owner is dropped without release() (a manager never closed, after an
+        # exception) lets go when it is collected, not only when the process exits.
+        self._finalizer = weakref.finalize(self, os.close, fd)
 
     def try_acquire(self) -> bool:
         """Take the lock if nobody holds it; False when somebody does."""
@@ -69,6 +74,8 @@ class PathLock:
     def release(self) -> None:
         if self.held:
             fd, self._fd = self._fd, -1
+            if self._finalizer is not None:
+                self._finalizer.detach()
             os.close(fd)  # closing drops the flock
 
 

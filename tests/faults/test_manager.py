@@ -7,6 +7,7 @@ assumption there, docs/object_storage.md)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -151,7 +152,7 @@ def test_second_manager_or_job_on_a_root_is_refused(tmp_path):
     # Another process saving into the root: refused while it holds the lock.
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time, pathlib; from shardckpt.storage.lock import PathLock; "
-         "PathLock(pathlib.Path(sys.argv[1]), 'test').acquire(); print('locked', flush=True); time.sleep(60)",
+         "lock = PathLock(pathlib.Path(sys.argv[1]), 'test'); lock.acquire(); print('locked', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
@@ -163,6 +164,25 @@ def test_second_manager_or_job_on_a_root_is_refused(tmp_path):
         holder.wait()
     m3.save(3, _state(3))  # the kernel dropped the dead holder's lock
     m3.close()
+
+
+# Local only, as above (flock).
+def test_a_manager_left_unclosed_or_left_by_an_exception_gives_the_root_back(tmp_path):
+    def job_that_fails() -> None:
+        m = CheckpointManager(tmp_path)
+        m.save(1, _state(1))
+        m.wait()
+        raise RuntimeError("the training loop failed")
+
+    with pytest.raises(RuntimeError):
+        job_that_fails()
+    gc.collect()  # the unclosed manager is gone: its lock must be too
+    with pytest.raises(RuntimeError), CheckpointManager(tmp_path) as m:
+        m.save(2, _state(2))
+        raise RuntimeError("the training loop failed")
+    with CheckpointManager(tmp_path, keep_last=1) as m:  # not refused: the root was given back
+        m.save(3, _state(3))
+    assert m.steps() == [3]  # and leaving the block applied retention
 
 
 # Local only, as above (flock).
@@ -223,6 +243,53 @@ def test_restore_falls_back_to_the_newest_complete_step(place, caplog, damage, e
         m.restore(target, step=3)  # a step asked for by number is never swapped for another
     assert place.snapshot() == before  # restore reads only: the damaged step is left for a person
     assert _listed_steps_verify(place, damaged=frozenset({3})) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["truncated file", "flipped byte"])
+@pytest.mark.parametrize("newest", [True, False])
+def test_a_damaged_step_never_takes_the_place_of_the_last_loadable_one(place, damage, newest):
+    # Steps 10 (good) and 11 or 20 (damaged); keep_last=1. The restore loads 10. Until a newer
+    # save has committed, 10 is the only step a crash could come back to: retention must keep it.
+    bad = 20 if newest else 11
+    m = CheckpointManager(place.root, async_save=False)
+    for s in (10, bad):
+        m.save(s, _state(s))
+    m.close()
+    (data,) = place.files(f"step-{bad:08d}/data")
+    place.truncate(data, 100) if damage == "truncated file" else place.flip(data)
+    m = CheckpointManager(place.root, keep_last=1, async_save=False)
+    target = _state(0)
+    assert m.restore(target) == 10 and target["step"] == 10
+    # A crash inside the next save (simulated: housekeeping ran, nothing of step 12 committed)
+    # would leave only what retention kept.
+    m.save(12, _state(12))
+    assert 10 in m.steps()
+    m.save(13, _state(13))  # 12 is committed and loads: now 10 may go
+    m.close()
+    # A damaged step is never counted. Numbered after the saves it is left alone; older than
+    # the newest loadable step it goes like any old step.
+    kept = [13, 20] if newest else [13]
+    assert m.steps() == kept
+    assert m.restore(_state(0)) == 13
+    assert _listed_steps_verify(place, damaged=frozenset({bad})) == kept
+
+
+def test_steps_numbered_after_the_save_are_left_alone(place, caplog):
+    # A job that went back to step 100 while 200 exists: its new saves are not "older than 200"
+    # for retention, and 200 is not deleted either (whether it is still wanted is the user's call).
+    m = CheckpointManager(place.root, async_save=False)
+    for s in (100, 200):
+        m.save(s, _state(s))
+    m.close()
+    m = CheckpointManager(place.root, keep_last=1)
+    assert m.restore(_state(0), step=100) == 100
+    with caplog.at_level("WARNING", logger="shardckpt.cleanup"):
+        for s in (101, 102, 103):
+            m.save(s, _state(s))
+        m.close()
+    assert m.steps() == [103, 200]
+    assert "step(s) [200], numbered after step 103 being saved" in caplog.text
+    assert _listed_steps_verify(place) == [103, 200]
 
 
 def test_restore_raises_when_no_step_is_complete(place):
