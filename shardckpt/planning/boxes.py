@@ -6,6 +6,20 @@ import bisect
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+# The slab search's work, in (box, start) visits, before it hands over to the grid: a few times
+# what blocks that tile a tensor need (two or three visits a box), so only a layout made to be slow
+# gets there. The grid is a bool per cell between distinct box edges; past GRID_CELLS a layout is
+# refused instead (``TooIrregular``), so no index can make the check take more than seconds.
+SLAB_VISITS_PER_BOX = 16
+SLAB_VISITS_MIN = 1 << 16
+GRID_CELLS = 1 << 24
+
+
+class TooIrregular(ValueError):
+    """Boxes laid out so that checking them for overlaps would take too long (a hostile index)."""
+
 
 @dataclass(frozen=True)
 class Box:
@@ -112,23 +126,35 @@ def find_overlap(boxes: list[Box]) -> tuple[int, int] | None:
         return (0, 1)
     lo = [b.offsets for b in boxes]
     hi = [b.ends for b in boxes]
-    found = _overlap(lo, hi, [i for i, b in enumerate(boxes) if min(b.sizes) > 0], 0)
+    ids = [i for i, b in enumerate(boxes) if min(b.sizes) > 0]
+    try:
+        found = _overlap(lo, hi, ids, 0, [SLAB_VISITS_PER_BOX * len(ids) + SLAB_VISITS_MIN])
+    except _OverBudget:
+        found = _overlap_on_grid(lo, hi, ids)
     if found is None:
         return None
     i, j = found
     return (i, j) if (lo[i][0], i) < (lo[j][0], j) else (j, i)
 
 
+class _OverBudget(Exception):
+    pass
+
+
 _Corners = list[tuple[int, ...]]
 
 
-def _overlap(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
-    """Two of the non-empty boxes ``ids`` that overlap along every dimension from ``dim`` on."""
+def _overlap(lo: _Corners, hi: _Corners, ids: list[int], dim: int, budget: list[int]) -> tuple[int, int] | None:
+    """Two of the non-empty boxes ``ids`` that overlap along every dimension from ``dim`` on.
+    ``budget[0]``: the visits left (raises ``_OverBudget`` when they run out)."""
     if len(ids) < 2:
         return None
+    budget[0] -= len(ids)
+    if budget[0] < 0:
+        raise _OverBudget
     if len(lo[ids[0]]) - dim <= 2:
         return _overlap_by_sweep(lo, hi, ids, dim)
-    return _overlap_in_slabs(lo, hi, ids, dim)
+    return _overlap_in_slabs(lo, hi, ids, dim, budget)
 
 
 def _overlap_by_sweep(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
@@ -203,7 +229,9 @@ class _TakenSlots:
         return slot
 
 
-def _overlap_in_slabs(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> tuple[int, int] | None:
+def _overlap_in_slabs(
+    lo: _Corners, hi: _Corners, ids: list[int], dim: int, budget: list[int],
+) -> tuple[int, int] | None:
     """At each start along ``dim``, the boxes open there all contain it, so two of them overlap
     exactly when they do along the dimensions after ``dim``: look there, one dimension down. Two
     boxes that overlap are both open at the later of their starts, so none is missed.
@@ -221,7 +249,31 @@ def _overlap_in_slabs(lo: _Corners, hi: _Corners, ids: list[int], dim: int) -> t
         while k < len(order) and lo[order[k]][dim] == x:
             open_.append(order[k])
             k += 1
-        found = _overlap(lo, hi, open_, dim + 1)
+        found = _overlap(lo, hi, open_, dim + 1, budget)
         if found is not None:
             return found
+    return None
+
+
+def _overlap_on_grid(lo: _Corners, hi: _Corners, ids: list[int]) -> tuple[int, int] | None:
+    """The same answer by painting each box on a grid whose cells lie between distinct box edges:
+    a box that finds a cell painted overlaps an earlier one. Its cost is the grid's cells plus the
+    boxes, whatever their layout; a grid over ``GRID_CELLS`` is refused (``TooIrregular``)."""
+    ndim = len(lo[ids[0]])
+    edges = [np.unique(np.array([c[d] for i in ids for c in (lo[i], hi[i])], dtype=np.int64)) for d in range(ndim)]
+    cells = math.prod(len(e) - 1 for e in edges)
+    if cells > GRID_CELLS:
+        raise TooIrregular(
+            f"{len(ids)} blocks whose edges cut the tensor into {cells} cells: too irregular a layout to check "
+            f"for overlaps (at most {GRID_CELLS} cells)"
+        )
+    painted = np.zeros([len(e) - 1 for e in edges], dtype=bool)
+    for n, j in enumerate(ids):
+        where = tuple(
+            slice(int(np.searchsorted(e, lo[j][d])), int(np.searchsorted(e, hi[j][d]))) for d, e in enumerate(edges)
+        )
+        if painted[where].any():
+            i = next(i for i in ids[:n] if all(lo[i][d] < hi[j][d] and lo[j][d] < hi[i][d] for d in range(ndim)))
+            return (i, j)
+        painted[where] = True
     return None

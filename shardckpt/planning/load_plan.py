@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from shardckpt.errors import IncompleteCheckpointError, IndexFormatError
 from shardckpt.format.schema import BlockEntry, TensorEntry
-from shardckpt.planning.boxes import Box, find_overlap
+from shardckpt.planning.boxes import Box, TooIrregular, find_overlap
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,10 @@ def plan_reads(entry: TensorEntry, needed: Box, where: str) -> list[BlockRead]:
         overlap = box.intersect(needed)
         if overlap is not None:
             reads.append(BlockRead(block, box, overlap))
-    clash = find_overlap([r.box for r in reads])
+    try:
+        clash = find_overlap([r.box for r in reads])
+    except TooIrregular as e:
+        raise IndexFormatError(f"{where}: tensor {entry.key!r}: {e}") from None
     if clash is not None:
         raise IndexFormatError(f"{where}: tensor {entry.key!r} has overlapping blocks {clash[0]} and {clash[1]}")
     covered = sum(r.overlap.volume for r in reads)

@@ -16,7 +16,7 @@ from typing import cast
 
 from shardckpt.errors import ReplicaMismatchError, StateMismatchError
 from shardckpt.format.schema import DTYPE_ITEMSIZE, PathPart
-from shardckpt.planning.boxes import Box, find_overlap
+from shardckpt.planning.boxes import Box, TooIrregular, find_overlap
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,10 @@ def check_value_keys(tensor_keys: set[str] | frozenset[str], metas: list[RankMet
 
 def _check_cover(spec: TensorSpec, held: dict[Box, list[int]]) -> None:
     distinct = [b for b in held if b.volume > 0]
-    clash = find_overlap(distinct)
+    try:
+        clash = find_overlap(distinct)
+    except TooIrregular as e:
+        raise StateMismatchError(f"tensor {spec.key!r}: the ranks' shards: {e}") from None
     if clash is not None:
         a, b = distinct[clash[0]], distinct[clash[1]]
         raise StateMismatchError(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from shardckpt import IncompleteCheckpointError, IndexFormatError, ReplicaMismatchError, StateMismatchError
 from shardckpt.format.schema import DTYPES, BlockEntry, TensorEntry
+from shardckpt.planning import boxes as box_module
 from shardckpt.planning.boxes import Box, find_overlap, split_box
 from shardckpt.planning.load_plan import plan_reads
 from shardckpt.planning.save_plan import plan_save
@@ -135,6 +136,43 @@ def _check_overlap_result(bs: list[Box], found: tuple[int, int] | None) -> None:
 def test_find_overlap_matches_brute_force(data, ndim, n):
     bs = [data.draw(boxes(ndim, max_offset=8, max_size=4)) for _ in range(n)]
     _check_overlap_result(bs, find_overlap(bs))
+
+
+@SETTINGS
+@given(data=st.data(), ndim=st.integers(1, 4), n=st.integers(0, 10))
+def test_the_grid_that_bounds_a_hostile_layout_matches_brute_force(data, ndim, n):
+    bs = [data.draw(boxes(ndim, max_offset=8, max_size=4)) for _ in range(n)]
+    saved = box_module.SLAB_VISITS_PER_BOX, box_module.SLAB_VISITS_MIN
+    box_module.SLAB_VISITS_PER_BOX, box_module.SLAB_VISITS_MIN = 0, 0  # straight to the grid
+    try:
+        _check_overlap_result(bs, find_overlap(bs))
+    finally:
+        box_module.SLAB_VISITS_PER_BOX, box_module.SLAB_VISITS_MIN = saved
+
+
+def _staircase(n: int) -> TensorEntry:
+    """2n-1 blocks that tile an n x n x 1 tensor with every start along dim 0 inside about n
+    blocks: quadratic for the slab search (94 s at n = 4000 before the budget; an index of 0.6 MB)."""
+    upper = [((i, i, 0), (n - i, 1, 1)) for i in range(n)]
+    lower = [((0, j, 0), (j, 1, 1)) for j in range(1, n)]
+    blocks = tuple(BlockEntry(o, z, 0, 64 + k, 1, math.prod(z), "raw", "0" * 16)
+                   for k, (o, z) in enumerate(upper + lower))
+    return TensorEntry("t", ("t",), "uint8", (n, n, 1), None, blocks)
+
+
+@pytest.mark.timeout(30)
+def test_a_layout_made_to_be_slow_is_planned_in_bounded_time_or_refused():
+    entry = _staircase(4000)
+    reads = plan_reads(entry, Box.full(entry.shape), "ckpt")
+    assert sum(r.overlap.volume for r in reads) == 4000 * 4000
+    # An overlap hidden in such a layout is still found.
+    bad = TensorEntry("t", ("t",), "uint8", entry.shape, None, entry.blocks + (entry.blocks[-1],))
+    with pytest.raises(IndexFormatError, match="ckpt: tensor 't' has overlapping blocks"):
+        plan_reads(bad, Box.full(bad.shape), "ckpt")
+    # Past the grid's bound the layout is refused, naming the tensor.
+    entry = _staircase(5000)
+    with pytest.raises(IndexFormatError, match="ckpt: tensor 't': 9999 blocks .* too irregular"):
+        plan_reads(entry, Box.full(entry.shape), "ckpt")
 
 
 @st.composite
