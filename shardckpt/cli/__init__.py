@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", dest="drops", action="append", metavar="K", help="leave out the subtree K (repeatable)")
     p.add_argument("--drop-per-rank", action="store_true",
                    help="leave out per-rank entries (PerRank, RNGState); kept per rank by default")
+    p.add_argument("--max-ranks", type=int, default=64, metavar="N",
+                   help="most processes to start for per-rank entries (one per saving rank; default 64)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors (others are kept)")
     p.add_argument("--compression", choices=["auto", "zstd", "none"], default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at DST (atomically)")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shardckpt.cli.output import emit_json, mb, progress
-from shardckpt.errors import CheckpointError, CorruptCheckpointError, MissingKeysError
+from shardckpt.errors import CheckpointError, CorruptCheckpointError, MissingKeysError, StateMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +86,13 @@ def _convert_shardckpt(args: argparse.Namespace, keys: tuple[str, ...], drops: t
         per_rank = any(t.rank is not None for t in tensors) or any(v.rank is not None for v in values)
         world = reader.index.world_size if per_rank else 1
         metadata = dict(reader.index.metadata)
+    if world > max(1, args.max_ranks):
+        # One process per saving rank: a size field of the index must not start millions of them.
+        raise StateMismatchError(
+            f"{args.src}: keeping its per-rank entries means writing them from {world} processes (one per saving "
+            f"rank), over --max-ranks {args.max_ranks}; pass --drop-per-rank to convert the global state only, or "
+            "raise --max-ranks"
+        )
     job = ConvertJob(str(args.src), str(args.dst), keys, drops, args.drop_per_rank, args.dtype, args.compression,
                      metadata, show_progress=not (args.quiet or args.json))
     counts = write_rank(0, 1, job) if world == 1 else _spawn_ranks(world, job)

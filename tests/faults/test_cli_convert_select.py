@@ -114,3 +114,27 @@ def test_a_failing_rank_fails_the_convert_without_a_hang(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "CorruptCheckpointError" in err and "rank" in err
     assert not (tmp_path / "dst" / "index.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_world_size_field_never_starts_more_processes_than_allowed(tmp_path, capsys, monkeypatch):
+    # A hostile index: world_size 2^24 and one per-rank value at its last rank. Keeping per-rank
+    # entries writes them from one process per rank; that many are refused before any starts.
+    shardckpt.save({"w": torch.ones(4), "step": 1}, tmp_path / "src")
+    doc = json.loads((tmp_path / "src" / "index.json").read_text())
+    doc["world_size"] = 1 << 24
+    doc["values"].append({"key": "rng", "path": ["rng"], "rank": (1 << 24) - 1, "value": 7})
+    (tmp_path / "src" / "index.json").write_text(json.dumps(doc))
+    import shardckpt.cli.convert as convert
+
+    started: list[int] = []
+    monkeypatch.setattr(convert, "_spawn_ranks", lambda world, job: started.append(world) or {})
+    dst = str(tmp_path / "dst")
+    assert main(["convert", str(tmp_path / "src"), dst]) == 2
+    err = capsys.readouterr().err
+    assert "StateMismatchError" in err and "16777216 processes" in err and "--drop-per-rank" in err
+    assert main(["convert", str(tmp_path / "src"), dst, "--max-ranks", "100"]) == 2
+    assert started == [] and not (tmp_path / "dst").exists()
+    assert main(["convert", str(tmp_path / "src"), dst, "--drop-per-rank"]) == 0  # the global state only
+    got = shardckpt.load_all(dst)
+    assert set(got) == {"w", "step"} and torch.equal(got["w"], torch.ones(4)) and got["step"] == 1
