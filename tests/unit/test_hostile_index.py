@@ -267,3 +267,34 @@ def test_index_bytes_must_be_strict_utf8(ckpt, case, capsys, tmp_path):
     assert hostile != data
     (ckpt / "index.json").write_bytes(hostile)
     _expect_rejected(ckpt, IndexFormatError, "index.json", capsys, tmp_path)
+
+
+def _walk_memory(pristine: Path, entries: int, depth: int) -> int:
+    """Peak bytes allocated to make a LoadWalk of ``pristine``'s index with ``entries`` more
+    values at paths of ``depth`` parts."""
+    import tracemalloc
+
+    from shardckpt.format.index_json import decode_index
+    from shardckpt.loading import LoadWalk
+
+    doc = json.loads((pristine / "index.json").read_text())
+    for i in range(entries):
+        path = [f"v{i}"] + ["a"] * (depth - 1)
+        doc["values"].append({"key": "/".join(path), "path": path, "rank": None, "value": 0})
+    index = decode_index(json.dumps(doc).encode(), "x")
+    tracemalloc.start()
+    try:
+        walk = LoadWalk(index, 0, "x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert walk.leads_to_entries(("v0", "a")) and not walk.leads_to_entries(tuple(["v0"] + ["a"] * (depth - 1)))
+    assert not walk.leads_to_entries(("v0", "b")) and not walk.leads_to_entries(())
+    return peak
+
+
+def test_a_load_plans_in_memory_linear_in_the_paths_parts(pristine):
+    # The same number of path parts, in long paths or in short ones: a set of every prefix of
+    # every path cost about 4x more for the long ones (558 MiB for an audit's 3 MB index).
+    long_paths, short_paths = _walk_memory(pristine, 100, 256), _walk_memory(pristine, 400, 64)
+    assert long_paths < 1.5 * short_paths, (long_paths, short_paths)
