@@ -13,7 +13,7 @@ from collections import Counter
 from shardckpt.catalog import committed_steps, read_index
 from shardckpt.cli.output import emit_json, error_doc, mb, progress
 from shardckpt.errors import CheckpointError
-from shardckpt.format.values import decode_value
+from shardckpt.format.values import decode_value, encode_value
 from shardckpt.storage import parse_location
 
 
@@ -63,7 +63,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "bytes_raw": index.bytes_raw(),
             "bytes_stored": index.bytes_stored(),
             "blocks_by_codec": dict(codecs),
-            "metadata": index.metadata,
+            # The metadata in its stored typed-JSON form too, for the reasons given for values below.
+            "metadata": encode_value(index.metadata, "metadata"),
             "tensors": [{"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "rank": t.rank,
                          "blocks": len(t.blocks)} for t in index.tensors],
             # Values in their stored typed-JSON form (docs/format.md, "Values"): decoded, a dict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,8 +19,19 @@ def mb(n: int) -> str:
 
 def emit_json(doc: Mapping[str, object]) -> None:
     """Print ``doc`` as the command's one JSON document on stdout. Keys keep their insertion order,
-    which docs/cli.md lists per command; ``repr`` stands in for anything JSON cannot hold."""
-    print(json.dumps(doc, indent=1, default=repr))
+    which docs/cli.md lists per command; ``repr`` stands in for anything JSON cannot hold, and the
+    strings "nan", "inf" and "-inf" for non-finite floats (strict JSON has none)."""
+    print(json.dumps(_finite(doc), indent=1, default=repr, allow_nan=False))
+
+
+def _finite(node: object) -> object:
+    if isinstance(node, float) and not math.isfinite(node):
+        return "nan" if math.isnan(node) else ("inf" if node > 0 else "-inf")
+    if isinstance(node, dict):
+        return {k: _finite(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_finite(v) for v in node]
+    return node
 
 
 def error_doc(e: BaseException) -> dict[str, object]:

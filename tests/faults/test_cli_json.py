@@ -143,3 +143,27 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
     assert quiet == [b""] * 4
     proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "verify", c], capture_output=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == b""  # a pipe is not a terminal
+
+
+def _strict(text: str) -> object:
+    """``text`` parsed as strict JSON: no NaN or Infinity, no member named twice."""
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        assert len({k for k, _ in items}) == len(items), f"a member named twice in {items}"
+        return dict(items)
+
+    def constant(name: str) -> object:
+        raise AssertionError(f"{name} is not JSON")
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+
+
+@pytest.mark.parametrize("metadata", [{"k": {(1, 2): "v"}}, {"lr": float("nan"), "top": float("-inf")},
+                                      {"m": {0: "a", "0": "b"}}, {"d": torch.bfloat16, "t": (1, [2, 3])}])
+def test_inspect_json_prints_any_metadata_a_save_takes_as_strict_json(tmp_path, capsys, metadata):
+    from shardckpt.format.values import decode_value
+
+    shardckpt.save({"w": torch.ones(2)}, tmp_path / "c", metadata=metadata)
+    assert main(["inspect", "--json", str(tmp_path / "c")]) == 0
+    doc = _strict(capsys.readouterr().out)
+    got = decode_value(doc["metadata"], "x")  # type: ignore[index]
+    assert repr(got) == repr(metadata)  # nan != nan, so compared as text
