@@ -280,3 +280,22 @@ def test_convert_from_an_unreadable_torch_file(tmp_path, capsys, source, kind):
     assert cli(["convert", str(tmp_path / source), str(tmp_path / "dst"), "--from", "torch"]) == 2
     err = capsys.readouterr().err
     assert f": {kind}: " in err and source in err, err
+
+
+def test_every_cut_of_a_torch_save_file_is_a_corrupt_checkpoint_error(tmp_path):
+    # Damaged files fail deep in torch.load with IndexError, struct.error, KeyError, ...: each must
+    # reach the user as CorruptCheckpointError naming the file, in both of torch's formats.
+    from shardckpt.interop.torch_save import read_torch_save
+
+    state = {"w": torch.arange(12.0).reshape(3, 4), "step": 3, "nested": {"b": torch.ones(2, dtype=torch.bfloat16)}}
+    for zipped in (True, False):
+        whole = tmp_path / f"whole-{zipped}.pt"
+        torch.save(state, whole, _use_new_zipfile_serialization=zipped)
+        raw = whole.read_bytes()
+        cuts = sorted({1, 18, 28, *range(0, len(raw), max(1, len(raw) // 60))})
+        for cut in cuts:
+            damaged = tmp_path / f"cut-{zipped}-{cut}.pt"
+            damaged.write_bytes(raw[:cut])
+            with pytest.raises(CorruptCheckpointError, match=str(damaged)):
+                read_torch_save(damaged)
+        assert torch.equal(read_torch_save(whole)["w"], state["w"])  # type: ignore[arg-type]
