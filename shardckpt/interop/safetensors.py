@@ -42,7 +42,13 @@ from shardckpt.api import CheckpointReader, PathLike
 from shardckpt.dist import Comm
 from shardckpt.errors import CheckpointError, CheckpointIOError, ExportError
 from shardckpt.format.schema import TensorEntry
-from shardckpt.interop.safetensors_format import INDEX_NAME, SAFETENSORS_DTYPES, WEIGHTS_NAME, le_bytes
+from shardckpt.interop.safetensors_format import (
+    INDEX_NAME,
+    METADATA_KEY,
+    SAFETENSORS_DTYPES,
+    WEIGHTS_NAME,
+    le_bytes,
+)
 from shardckpt.planning.boxes import Box, split_box
 
 log = logging.getLogger(__name__)
@@ -160,6 +166,13 @@ def plan_export(
                                   f"{'an empty name' if not new else 'a name another tensor has'}")
             stripped[new] = ExportedTensor(new, t.entry, t.dtype)
         named = stripped
+    for name, t in named.items():
+        # The header's "__metadata__" member is not a tensor, and readers (this one included)
+        # refuse a tensor without a name: either would write a file nobody can read back.
+        if name in ("", METADATA_KEY):
+            raise ExportError(f"{where}: tensor {t.entry.key!r} would be named {name!r} in the export, which "
+                              "safetensors reserves or cannot read back; select it with another key=/--key, or "
+                              "export a subtree that names it")
     for later, first in (tied or {}).items():
         a, b = named.get(later), named.get(first)
         if a is None or b is None or later == first:
@@ -342,7 +355,7 @@ def _header(shard: tuple[ExportedTensor, ...]) -> tuple[bytes, list[ExportedTens
     # Largest itemsize first, so every tensor's data starts aligned to its element size (the order
     # the safetensors package writes in too); the header is padded with spaces to 8 bytes.
     order = sorted(shard, key=lambda t: -t.dtype.itemsize)
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    header: dict[str, object] = {METADATA_KEY: {"format": "pt"}}
     offset = 0
     for t in order:
         header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.entry.shape),

@@ -55,6 +55,8 @@ READ_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3FNUZ": torch.float8_e4m3fnuz, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
 }
 
+METADATA_KEY = "__metadata__"  # the header's one member that is not a tensor
+
 
 PathLike = str | os.PathLike[str]
 Run = tuple[int, int]  # (first byte in the file, length)
@@ -110,11 +112,11 @@ def parse_header(raw: bytes, size: int, where: str) -> FileHeader:
         raise CorruptCheckpointError(f"{where}: the header is a JSON {type(doc).__name__}, not an object")
     data_start = 8 + len(raw)
     data_len = size - data_start
-    metadata = doc.pop("__metadata__", None)
+    metadata = doc.pop(METADATA_KEY, None)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptCheckpointError(f"{where}: __metadata__ must map strings to strings")
+        raise CorruptCheckpointError(f"{where}: {METADATA_KEY} must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, spec in doc.items():

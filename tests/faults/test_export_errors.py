@@ -113,6 +113,20 @@ def test_names_that_clash_and_dtypes_safetensors_lacks(tmp_path):
         shardckpt.export_safetensors(tmp_path / "d", tmp_path / "out")
 
 
+@pytest.mark.parametrize("name", ["__metadata__", ""])
+def test_a_name_safetensors_reserves_or_cannot_read_back_is_refused(tmp_path, capsys, name):
+    shardckpt.save({"model": {name: torch.ones(2), "w": torch.zeros(3)}}, tmp_path / "c")
+    with pytest.raises(shardckpt.ExportError, match=f"would be named {name!r} in the export"):
+        shardckpt.export_safetensors(tmp_path / "c", tmp_path / "out", key="model")
+    code, err = _cli(capsys, str(tmp_path / "c"), str(tmp_path / "out"), "--key", "model")
+    assert code == 2 and "ExportError" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    # Named under its parent, it exports and reads back.
+    shardckpt.export_safetensors(tmp_path / "c", tmp_path / "out")
+    got = shardckpt.read_safetensors(tmp_path / "out")
+    assert torch.equal(got[f"model.{name}"], torch.ones(2)) and torch.equal(got["model.w"], torch.zeros(3))
+
+
 def _data_file(ckpt):
     return next((ckpt / "data").iterdir())
 
