@@ -338,16 +338,28 @@ def write_and_commit(
 
     what = f"save to {prep.path}"
     t0 = time.perf_counter()
+    local: RankResult | None = None
+    payload: object = None
+    failed: BaseException | None = None
+    try:
+        local, payload = write()
+    except BaseException as e:  # noqa: BLE001 - every rank learns of it in the gather below
+        failed = e
     try:
         # The block records go to the coordinator only; every rank learns whether all wrote.
-        own, gathered = comm.run(f"{what}: writing data", write, to_coordinator=True)
+        own, gathered = comm.settle(f"{what}: writing data", local, payload, failed, to_coordinator=True)
+        hit("written")
     except CommunicationError:
         # Only the coordinator knows for sure that it has not committed.
         if comm.is_coordinator:
             _discard(storage, name)
         raise
-    except BaseException:
-        _discard(storage, name)  # a write failed somewhere: nobody commits
+    except BaseException as e:
+        # A write failed somewhere (this rank's, or a peer's: a CheckpointError): nobody commits.
+        # An interrupt (KeyboardInterrupt, SystemExit) after this rank's write was reported is
+        # another matter: the coordinator may commit an index that names the file, so it stays.
+        if failed is not None or isinstance(e, CheckpointError) or comm.is_coordinator:
+            _discard(storage, name)
         raise
     results = cast("list[RankResult]", gathered)  # every rank's write() payload, on the coordinator
     t1 = time.perf_counter()

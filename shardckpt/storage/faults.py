@@ -4,7 +4,8 @@ every phase of a save can be broken on every rank, by an exception or by SIGKILL
 Points (each is one call site; docs/reliability.md lists where each one sits):
 
     flatten, stage, write (a data-file append), fsync (a data file), data_dir_fsync,
-    gather (any collective of shardckpt), index_write, rename (publishing index.json),
+    gather (any collective of shardckpt), written (a rank's write reported to every rank, before
+    the commit), index_write, rename (publishing index.json),
     dir_fsync (of the step directory, after the rename), cleanup (stale data files after a commit),
     retention and torn (the manager's garbage collection), delete, read
 
@@ -27,7 +28,8 @@ from shardckpt.errors import StateMismatchError
 from shardckpt.options import fault_spec
 
 POINTS = (
-    "flatten", "vote", "stage", "write", "fsync", "data_dir_fsync", "gather", "index_write", "rename", "dir_fsync",
+    "flatten", "vote", "stage", "write", "fsync", "data_dir_fsync", "gather", "written", "index_write", "rename",
+    "dir_fsync",
     "cleanup", "retention", "torn", "delete", "read",
 )
 ACTIONS = ("eio", "enospc", "exit", "kill")

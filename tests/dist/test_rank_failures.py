@@ -111,3 +111,30 @@ def test_bad_load_raises_on_every_rank(tmp_path, case, errors, cause):
     assert [o.split(":")[0] for o in outcomes] == errors, outcomes
     # The failing rank's own message, on both ranks.
     assert all(cause.format(path=path) in o for o in outcomes), outcomes
+
+
+def interrupted_after_writing(rank: int, world_size: int, path: str) -> str:
+    from shardckpt.storage import faults
+
+    os.environ["RANK"] = str(rank)  # whom "@1" names
+    faults.configure("written:1:exit@1")  # SystemExit on rank 1 once its write reached every rank
+    try:
+        return _outcome(lambda: shardckpt.save({"w": shardckpt.PerRank(torch.arange(6.0) + rank)}, path))
+    except SystemExit:
+        return "exit"
+    finally:
+        faults.configure("")
+
+
+def test_an_interrupt_after_a_ranks_write_was_reported_never_deletes_its_file(tmp_path):
+    # Rank 1 is interrupted (Ctrl-C, a preemption's SystemExit) right after its write was
+    # reported: the coordinator may already commit an index that names rank 1's file, so the
+    # interrupted rank must leave it. Before, it deleted it, and the committed step was broken.
+    path = str(tmp_path / "ckpt")
+    outcomes = run_ranks(2, interrupted_after_writing, path)
+    assert outcomes[1] == "exit", outcomes
+    if os.path.exists(os.path.join(path, "index.json")):  # the coordinator committed it
+        shardckpt.verify(path)
+        assert len(os.listdir(os.path.join(path, "data"))) == 2
+    else:
+        assert outcomes[0].startswith("CommunicationError"), outcomes
