@@ -176,7 +176,9 @@ class CheckpointManager:
             if unseen is not None:
                 raise unseen
             if self._lock is not None:
-                self._lock.acquire()
+                if not self._lock.held:
+                    self._lock.acquire()  # creates the root if it is new
+                    self._storage.fsync_parent()  # whose entry in its parent must outlive a power loss
                 self._collect(step)
                 self._storage.child(_step_name(step))  # refuses a local step that is a symbolic link
             return None, None

@@ -29,7 +29,7 @@ from shardckpt.errors import (
     StorageAccessError,
 )
 from shardckpt.storage.faults import hit
-from shardckpt.storage.lock import PathLock
+from shardckpt.storage.lock import PathLock, make_dirs
 
 
 class DataFileWriter:
@@ -180,9 +180,10 @@ class LocalStorage:
         return PathLock(self.root, purpose)
 
     def ensure_dir(self, subdir: str = "") -> None:
-        """Create ``subdir`` (and the root) if missing; refuse one that is a link or not a directory."""
+        """Create ``subdir`` (and the root) if missing; refuse one that is a link or not a directory.
+        New directories above the root's parent get durable entries (``make_dirs``)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.root)
             os.close(self._open_dir(subdir, _WRITE, create=True))
         except OSError as e:
             raise _os_error(f"cannot create directory {self.root / subdir}", e) from e

@@ -11,6 +11,7 @@ most cluster filesystems with locking enabled); where a filesystem ignores it, t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -42,7 +43,7 @@ class PathLock:
         if self.held:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise CheckpointIOError(f"cannot create lock file {self.path}: {e.strerror}") from e
@@ -77,6 +78,29 @@ class PathLock:
             if self._finalizer is not None:
                 self._finalizer.detach()
             os.close(fd)  # closing drops the flock
+
+
+def make_dirs(path: Path) -> None:
+    """Create ``path`` and its missing ancestors. The entries of the ancestors created here are
+    made durable (each parent fsynced): a root made by its first save (ckpt/run7/step-1 with no
+    ckpt/run7 yet) would otherwise hang off a parent whose new entry a power loss can undo, taking
+    every step with it. ``path``'s own entry is left to the commit (``fsync_parent``), which
+    fsyncs it anyway."""
+    created = []
+    above = path.parent
+    while not os.path.lexists(above) and above != above.parent:
+        created.append(above)
+        above = above.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for made in reversed(created):
+        fd = os.open(made.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
+                raise
+        finally:
+            os.close(fd)
 
 
 def _read_holder(fd: int) -> str:

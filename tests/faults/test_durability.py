@@ -96,3 +96,21 @@ def test_the_root_and_step_directory_are_fsynced_before_the_index_is_published(t
     before_commit = {path for path, published in synced if not published}
     assert str(root) in before_commit and str(root / "step-00000001") in before_commit
     assert (str(root / "step-00000001"), True) in synced  # and the rename itself, after it
+    # The root did not exist: its own entry, in tmp_path, is made durable too (and nothing higher,
+    # which existed already).
+    assert str(tmp_path) in before_commit and str(tmp_path.parent) not in {p for p, _ in synced}
+
+
+def test_every_directory_a_save_creates_has_a_durable_entry_before_the_commit(tmp_path, monkeypatch):
+    path = tmp_path / "a" / "b" / "ckpt"  # a, b and ckpt are all new
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (path / "index.json").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    shardckpt.save(_state(1), path)
+    before_commit = {p for p, published in synced if not published}
+    assert {str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")} <= before_commit
