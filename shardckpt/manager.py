@@ -189,10 +189,11 @@ class CheckpointManager:
         path = self.path_for(step)
         metadata = {"step": step}
         if not self.async_save:
+            self._usable[step] = False  # unless it returns: see _finish_pending
             result = save(
                 state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
             )
-            self._usable[step] = True  # committed just now: retention need not read it back
+            self._usable[step] = True
             return result
         handle = start_async_save(
             state, path, process_group=self.process_group, compression=self.compression, metadata=metadata, s3=self.s3
@@ -205,6 +206,7 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
+        self._usable[pending[0]] = False
         result = pending[1].wait()
         self._usable[pending[0]] = True
         return result
@@ -322,8 +324,9 @@ class CheckpointManager:
         if pending is None:
             return None
         failure = unseen_failure(pending[1], f"the save of step {pending[0]} under {self.root}")
-        if failure is None and pending[1].succeeded:
-            self._usable[pending[0]] = True  # committed just now: retention need not read it back
+        # Committed just now: retention need not read it back. A save that failed after its commit
+        # point (published, but its durability unsure) is never counted as a step to keep.
+        self._usable[pending[0]] = pending[1].succeeded
         return failure
 
     def _collect(self, upto: int | None) -> None:

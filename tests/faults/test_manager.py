@@ -274,6 +274,26 @@ def test_a_damaged_step_never_takes_the_place_of_the_last_loadable_one(place, da
     assert _listed_steps_verify(place, damaged=frozenset({bad})) == kept
 
 
+def test_a_step_whose_commit_was_not_made_durable_is_not_counted(place):
+    # Step 2's index was published but its directory fsync failed: the save raised, and a power
+    # loss could still undo it. Until a later save commits, step 1 must stay.
+    from shardckpt.storage import faults
+
+    m = CheckpointManager(place.root, keep_last=1, async_save=False)
+    m.save(1, _state(1))
+    faults.configure("dir_fsync:1:eio")
+    try:
+        with pytest.raises(shardckpt.CheckpointError):
+            m.save(2, _state(2))
+    finally:
+        faults.configure("")
+    assert m.steps() == [1, 2]
+    m.save(3, _state(3))
+    assert 1 in m.steps()
+    m.close()
+    assert m.steps() == [3]
+
+
 def test_steps_numbered_after_the_save_are_left_alone(place, caplog):
     # A job that went back to step 100 while 200 exists: its new saves are not "older than 200"
     # for retention, and 200 is not deleted either (whether it is still wanted is the user's call).
