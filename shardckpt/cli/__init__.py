@@ -38,6 +38,17 @@ from shardckpt.errors import CheckpointError
 Command = Callable[[argparse.Namespace], int]
 
 
+def _count(text: str) -> int:
+    """An argument that counts something: a whole number, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
+    return n
+
+
 def _command(module: str, name: str) -> Command:
     """The command ``name`` of ``shardckpt.cli.<module>``, imported when it runs: ``--help`` and
     the argument parsing import no command module."""
@@ -67,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", parents=[common], help="describe one checkpoint")
     p.add_argument("path")
-    p.add_argument("--limit", type=int, default=40, help="entries of each kind to print (text output)")
+    p.add_argument("--limit", type=_count, default=40, help="entries of each kind to print (text output)")
     p.set_defaults(fn=_command("browse", "cmd_inspect"))
 
     p = sub.add_parser("verify", parents=[common], help="check every block of one or more checkpoints")
@@ -94,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop", dest="drops", action="append", metavar="K", help="leave out the subtree K (repeatable)")
     p.add_argument("--drop-per-rank", action="store_true",
                    help="leave out per-rank entries (PerRank, RNGState); kept per rank by default")
-    p.add_argument("--max-ranks", type=int, default=64, metavar="N",
+    p.add_argument("--max-ranks", type=_count, default=64, metavar="N",
                    help="most processes to start for per-rank entries (one per saving rank; default 64)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors (others are kept)")
     p.add_argument("--compression", choices=["auto", "zstd", "none"], default="auto")

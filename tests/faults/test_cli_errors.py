@@ -78,3 +78,13 @@ def test_a_hostile_dtype_tag_is_an_index_error(body):
 
     with pytest.raises(shardckpt.IndexFormatError):
         decode_value({"$dtype": body}, "index.json")
+
+
+@pytest.mark.parametrize("argv", [["inspect", "--limit", "-5"], ["inspect", "--limit", "x"],
+                                  ["convert", "--max-ranks", "-1", "DST"]])
+def test_a_count_argument_below_zero_is_a_usage_error(tmp_path, capsys, argv):
+    shardckpt.save({"w": torch.ones(2)}, tmp_path / "c")
+    args = [*argv[:1], str(tmp_path / "c"), *argv[1:]]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "expected a whole number >= 0" in capsys.readouterr().err
