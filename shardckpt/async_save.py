@@ -378,23 +378,29 @@ class AsyncSaver:
             self.staging.close()
 
 
-def _write_versions(prep: PreparedSave) -> dict[str, tuple[torch.Tensor, int]]:
-    """Each saved tensor's in-place write counter (autograd's version counter, which every
-    in-place op and ``copy_`` bump, under ``no_grad`` too, and which views share)."""
-    versions: dict[str, tuple[torch.Tensor, int]] = {}
+def _write_versions(prep: PreparedSave) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    """Each saved tensor's in-place write counters (autograd's version counter, which every
+    in-place op and ``copy_`` bump, under ``no_grad`` too, and which views share): its local
+    tensor's and, for a DTensor shard, the DTensor's own, which is the one an in-place op on
+    the DTensor (an FSDP2 parameter's ``mul_``) bumps."""
+    versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
     for key, item in prep.items.items():
-        try:
-            versions[key] = (item.local, item.local._version)
-        except RuntimeError:  # inference-mode tensors keep no counter
-            continue
+        for t in (item.local, item.source):
+            if t is None:
+                continue
+            try:
+                versions.setdefault(key, []).append((t, t._version))
+            except RuntimeError:  # inference-mode tensors keep no counter
+                continue
     return versions
 
 
-def _check_unwritten(prep: PreparedSave, versions: dict[str, tuple[torch.Tensor, int]]) -> None:
+def _check_unwritten(prep: PreparedSave, versions: dict[str, list[tuple[torch.Tensor, int]]]) -> None:
     """Lazy mode: fail the save when a saved tensor was written in place while the snapshot was
     being taken (the copies and the replica hashes are done by now). The copy may hold the value
     from before the write, after it, or a mix; committing it would be a silent wrong result."""
-    written = sorted(item.split("\0")[0] for item, (t, v) in versions.items() if t._version != v)
+    written = sorted(item.split("\0")[0] for item, counters in versions.items()
+                     if any(t._version != v for t, v in counters))
     if written:
         shown = ", ".join(repr(k) for k in written[:10]) + (f" and {len(written) - 10} more" if len(written) > 10 else "")
         raise StateMismatchError(

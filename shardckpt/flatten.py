@@ -48,6 +48,9 @@ class TensorItem:
     local: torch.Tensor
     per_rank: bool
     plain: bool  # a plain tensor (replicated by assumption), as opposed to a DTensor
+    # The DTensor ``local`` is a shard of (None for a plain tensor). An in-place write through a
+    # DTensor bumps its own version counter, not its local tensor's: lazy mode watches both.
+    source: torch.Tensor | None = None
 
     def meta(self) -> list[object]:
         return [self.key, list(self.path), self.dtype, list(self.shape), list(self.box.offsets),
@@ -321,10 +324,11 @@ def _tensor_items(
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         _check_storable(local, key, rank)
         shape = tuple(local.shape)
-        return [TensorItem(key, path, name, shape, Box.full(shape), local, True, True)]
+        return [TensorItem(key, path, name, shape, Box.full(shape), local, True, True, None if local is tensor else tensor)]
     shape, pieces, local = local_pieces(tensor, key, rank)
     _check_storable(local, key, rank)  # a DTensor's local shard
-    return [TensorItem(key, path, name, shape, box, view, False, local is tensor) for box, view in pieces]
+    source = None if local is tensor else tensor
+    return [TensorItem(key, path, name, shape, box, view, False, local is tensor, source) for box, view in pieces]
 
 
 def _check_storable(tensor: torch.Tensor, key: str, rank: int) -> None:

@@ -122,3 +122,59 @@ def subgroup_worker(rank: int, world_size: int, path: str) -> str:
 
 def test_async_save_over_a_subgroup(tmp_path):
     assert run_ranks(3, subgroup_worker, str(tmp_path / "ckpt")) == ["3.0:0", "3.0:1", "idle"]
+
+
+def lazy_fsdp_worker(rank: int, world_size: int, path: str, write: str) -> str:
+    """Lazy async_save of an FSDP2 model whose copy is held open while ``write`` happens."""
+    import threading
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from shardckpt.pipeline.staging import DeviceCopier
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    want = model[0].weight.to_local().clone()
+    copying, release = threading.Event(), threading.Event()
+    real = DeviceCopier.copy_host
+
+    def held(self, dsts, srcs):  # type: ignore[no-untyped-def]
+        copying.set()
+        release.wait(60)
+        return real(self, dsts, srcs)
+
+    DeviceCopier.copy_host = held  # type: ignore[method-assign]
+    try:
+        handle = shardckpt.async_save({"model": model}, path, lazy=True)
+        assert copying.wait(30)
+        if write == "step":  # waits for the copy, then writes: the save keeps the values before it
+            model(torch.randn(4, 16)).sum().backward()
+            threading.Timer(0.3, release.set).start()
+            opt.step()
+        else:
+            with torch.no_grad():  # an in-place write through the DTensor, before the copy
+                model[0].weight.mul_(0)
+            release.set()
+        try:
+            handle.wait()
+        except shardckpt.CheckpointError as e:
+            return f"{type(e).__name__}: {e}"
+    finally:
+        DeviceCopier.copy_host = real  # type: ignore[method-assign]
+        shardckpt.shutdown()
+    got = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    fully_shard(got, mesh=init_device_mesh("cpu", (world_size,)))
+    shardckpt.load({"model": got}, path)
+    return "same" if torch.equal(got[0].weight.to_local(), want) else "differs"
+
+
+def test_lazy_mode_sees_in_place_writes_through_fsdp2_parameters(tmp_path):
+    # An in-place op on a DTensor bumps the DTensor's version counter, not its local tensor's:
+    # watching only the local one let a zeroed weight be committed as the saved value.
+    outcomes = run_ranks(2, lazy_fsdp_worker, str(tmp_path / "w"), "mul_")
+    assert all("'model/0.weight' changed in place while the snapshot was copying" in o for o in outcomes), outcomes
+    assert not (tmp_path / "w" / "index.json").exists()
+    assert run_ranks(2, lazy_fsdp_worker, str(tmp_path / "s"), "step") == ["same", "same"]
