@@ -168,7 +168,8 @@ class AsyncSaver:
         or the memory tier's variant (memtier/save.py), which replicates before it commits."""
         t0 = time.perf_counter()
         unseen = self._wait_previous()
-        if budget_bytes is not None:  # only now: the previous save's buffers are all back in the pool
+        self.staging.new_round()  # only now: the previous save is over, its buffers back or lost
+        if budget_bytes is not None:
             self.staging.budget = budget_bytes
 
         def precheck() -> None:

@@ -28,6 +28,7 @@ class StagingPool:
         self._free: dict[tuple[torch.dtype, Shape, bool], list[torch.Tensor]] = defaultdict(list)
         self._free_bytes = 0
         self._used_bytes = 0
+        self._taken: dict[tuple[torch.dtype, Shape, bool], int] = defaultdict(int)  # this round's acquires
         self.peak_bytes = 0  # the most bytes the pool has held at once (in use or free)
         self._cond = threading.Condition()
         self._closed = False
@@ -41,6 +42,7 @@ class StagingPool:
         nbytes = _nbytes(dtype, shape)
         key = (dtype, tuple(shape), pin)
         with self._cond:
+            self._taken[key] += 1
             while True:
                 if self._closed:
                     raise CheckpointError("staging pool closed while a save was staging")
@@ -64,7 +66,7 @@ class StagingPool:
     def release(self, buf: torch.Tensor) -> None:
         nbytes = buf.numel() * buf.element_size()
         with self._cond:
-            self._used_bytes -= nbytes
+            self._used_bytes = max(0, self._used_bytes - nbytes)
             self._free[(buf.dtype, tuple(buf.shape), buf.is_pinned())].append(buf)
             self._free_bytes += nbytes
             self._cond.notify_all()
@@ -74,6 +76,23 @@ class StagingPool:
         buffers it took without handing them back, and they must not hold the budget forever."""
         with self._cond:
             self._used_bytes = 0
+            self._cond.notify_all()
+
+    def new_round(self) -> None:
+        """Start the next save, once the last one is over. Buffers it still counts as in use (a
+        failed snapshot drops those it took) stop holding the budget, or every later save under
+        it would wait forever; and free buffers beyond what the last save took of each shape go
+        back to the system, or a job whose tensors change shape between saves would keep every
+        old shape's buffers (with no budget nothing else evicts them)."""
+        with self._cond:
+            self._used_bytes = 0
+            for key in list(self._free):
+                keep = self._taken.get(key, 0)
+                self._free_bytes -= sum(b.numel() * b.element_size() for b in self._free[key][keep:])
+                del self._free[key][keep:]
+                if not self._free[key]:
+                    del self._free[key]
+            self._taken.clear()
             self._cond.notify_all()
 
     def _evict(self, need: int) -> None:

@@ -193,6 +193,44 @@ def test_save_larger_than_budget_streams_through_it(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.timeout(60)
+def test_a_snapshot_that_failed_part_way_never_holds_the_budget(tmp_path):
+    # The failed snapshot took buffers it never handed back: the next save under the budget must
+    # not wait for them (it used to wait forever).
+    from shardckpt.storage import faults
+
+    state = {f"t{i}": torch.randn(256, 1024) for i in range(4)}  # 4 x 1 MiB
+    budget = (5 << 20) // 2
+    faults.configure("stage:3:eio")
+    try:
+        with pytest.raises(shardckpt.CheckpointError):
+            shardckpt.async_save(state, tmp_path / "a", staging_budget_bytes=budget).wait()
+    finally:
+        faults.configure("")
+    shardckpt.async_save(state, tmp_path / "b", staging_budget_bytes=budget).wait()
+    got = {k: torch.empty(256, 1024) for k in state}
+    shardckpt.load(got, tmp_path / "b")
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_staging_keeps_only_the_buffers_the_last_save_used(tmp_path):
+    # No budget (the default): a state whose tensors change shape between saves must not keep
+    # every old shape's buffers (30 saves of 4 MB each grew the pool to 120 MB).
+    from shardckpt.async_save import _SAVERS
+
+    for i in range(30):
+        state = {"w": torch.randn((1 << 20) + i), "b": torch.randn(64)}
+        shardckpt.async_save(state, tmp_path / "c", staging_budget_bytes=None).wait()
+        (saver,) = _SAVERS.values()
+        assert saver.staging.held_bytes <= 2 * 4 * ((1 << 20) + i + 64), (i, saver.staging.held_bytes)
+    # Shapes that stay are reused: the next save of the same state allocates nothing (and the
+    # previous save's other shape is gone).
+    shapes = {tuple(t.shape) for t in state.values()}
+    before = {id(b) for (_, shape, _), bufs in saver.staging._free.items() if shape in shapes for b in bufs}
+    shardckpt.async_save(state, tmp_path / "c").wait()
+    assert {id(b) for bufs in saver.staging._free.values() for b in bufs} == before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_snapshot_uses_pinned_staging_and_side_stream(tmp_path):
