@@ -279,7 +279,8 @@ def _direct_run(req: ReadRequest, read: BlockRead) -> tuple[int, int, np.ndarray
 def place_block(req: ReadRequest, read: BlockRead, block: torch.Tensor) -> None:
     """Copy the part of a decoded block (a tensor of the block's shape) that ``req`` needs into its target."""
     src = block[read.overlap.slices_within(read.box)] if read.box.sizes else block
-    if read.overlap.sizes:
-        req.target[read.overlap.slices_within(req.needed)].copy_(src)
-    else:
-        req.target.copy_(src)
+    with torch.no_grad():  # the target may be a parameter (or a view of one) that requires grad
+        if read.overlap.sizes:
+            req.target[read.overlap.slices_within(req.needed)].copy_(src)
+        else:
+            req.target.copy_(src)

@@ -37,3 +37,24 @@ def test_bf16_checkpoint_into_fp32_is_exact(tmp_path):
     target = {"w": torch.zeros(300, 17)}
     shardckpt.load(target, tmp_path / "c", dtype_cast=True)
     assert torch.equal(target["w"], w.float())
+
+
+@pytest.mark.parametrize("case", ["cast", "transposed view", "compressed"])
+def test_parameters_are_filled_in_place_whatever_the_read_path(tmp_path, case):
+    # Bytes read straight into a target never met autograd; a copy into one did, and a parameter
+    # that requires grad (or a view of one) refused it: "a view of a leaf Variable that requires
+    # grad is being used in an in-place operation".
+    w = torch.randn(13, 7)
+    codec = "zstd" if case == "compressed" else "none"
+    shardckpt.save({"w": w}, tmp_path / "c", compression=shardckpt.CompressionOptions(codec=codec))
+    if case == "cast":
+        p = torch.nn.Parameter(torch.zeros(13, 7, dtype=torch.bfloat16))
+        target, want = p, w.to(torch.bfloat16)
+    elif case == "transposed view":
+        p = torch.nn.Parameter(torch.zeros(7, 13))
+        target, want = p.t(), w
+    else:
+        p = torch.nn.Parameter(torch.zeros(13, 7))
+        target, want = p, w
+    shardckpt.load({"w": target}, tmp_path / "c", dtype_cast=case == "cast")
+    assert torch.equal(target.detach(), want) and p.requires_grad and p.grad_fn is None
