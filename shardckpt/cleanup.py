@@ -81,11 +81,12 @@ def collect(
     else:
         later = [s for s in committed if s > upto]
         keep = set(later) | retained([s for s in committed if s <= upto], keep_last, keep_every, usable)
-        if later:
+        loadable = [s for s in later if usable is None or usable(s)]
+        if loadable:  # a damaged later step is no hazard: a restore skips it
             log.warning(
                 "%s holds step(s) %s, numbered after step %d being saved: retention leaves them alone, and a "
                 "restore would pick them over this run's steps; remove them if the job went back on purpose",
-                root.location, later, upto,
+                root.location, loadable, upto,
             )
     removed = []
     for step, name in sorted(dirs.items()):

@@ -247,7 +247,7 @@ def test_restore_falls_back_to_the_newest_complete_step(place, caplog, damage, e
 
 @pytest.mark.parametrize("damage", ["truncated file", "flipped byte"])
 @pytest.mark.parametrize("newest", [True, False])
-def test_a_damaged_step_never_takes_the_place_of_the_last_loadable_one(place, damage, newest):
+def test_a_damaged_step_never_takes_the_place_of_the_last_loadable_one(place, damage, newest, caplog):
     # Steps 10 (good) and 11 or 20 (damaged); keep_last=1. The restore loads 10. Until a newer
     # save has committed, 10 is the only step a crash could come back to: retention must keep it.
     bad = 20 if newest else 11
@@ -262,8 +262,10 @@ def test_a_damaged_step_never_takes_the_place_of_the_last_loadable_one(place, da
     assert m.restore(target) == 10 and target["step"] == 10
     # A crash inside the next save (simulated: housekeeping ran, nothing of step 12 committed)
     # would leave only what retention kept.
-    m.save(12, _state(12))
+    with caplog.at_level("WARNING", logger="shardckpt.cleanup"):
+        m.save(12, _state(12))
     assert 10 in m.steps()
+    assert "numbered after" not in caplog.text  # a damaged later step is no hazard: restore skips it
     m.save(13, _state(13))  # 12 is committed and loads: now 10 may go
     m.close()
     # A damaged step is never counted. Numbered after the saves it is left alone; older than
