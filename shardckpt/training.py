@@ -148,9 +148,14 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     Each epoch is a permutation seeded by ``(seed, epoch)``; the position counts samples taken by
     the whole job, so a resume on another world size continues exactly where the job stopped:
-    rank ``r`` of ``w`` takes samples ``position + r, position + r + w, ...``. Call
-    ``advance(batch_size * world_size)`` (or iterate) as the job consumes data; the position is
-    global, so the saved value is the same on every rank.
+    rank ``r`` of ``w`` takes samples ``position + r, position + r + w, ...``. The position moves
+    as indices are handed out, by iterating (a ``DataLoader``'s sampler) or by ``next_indices``;
+    it is global, so the saved value is the same on every rank. An epoch iterated to its end
+    moves on to the next one.
+
+    A ``DataLoader`` with worker processes asks for indices ``prefetch_factor * num_workers``
+    batches ahead of their use; those count as taken, and a resume skips them. Where every
+    sample must be seen exactly once, use ``num_workers=0`` or ``next_indices``.
     """
 
     def __init__(self, data: Sized | int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
@@ -165,8 +170,12 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        for i in range(self.position + self.rank, self.size, self.world_size):
+        while self.position + self.rank < self.size:
+            i = self.position + self.rank
+            self.position += self.world_size  # taken once handed out: a save after it resumes past it
             yield order[i]
+        self.epoch += 1
+        self.position = 0
 
     def __len__(self) -> int:
         return max(0, (self.size - self.position - self.rank + self.world_size - 1) // self.world_size)

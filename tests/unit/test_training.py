@@ -67,6 +67,28 @@ def test_sampler_resumes_exactly_on_another_world_size(tmp_path):
     assert sorted(seen) == sorted(order[:76])
 
 
+def test_a_dataloader_over_the_sampler_resumes_at_the_next_unseen_batch(tmp_path):
+    # Iterating the sampler (as a DataLoader does) moves its position; it used to stay at 0, so
+    # a resume replayed the epoch from its start.
+    data = list(range(50))
+
+    def loader(sampler: shardckpt.ResumableSampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+
+    sampler = shardckpt.ResumableSampler(50, seed=5)
+    batches = iter(loader(sampler))
+    for _ in range(3):
+        next(batches)
+    shardckpt.save({"sampler": sampler}, tmp_path / "s")
+    rest = [b.tolist() for b in batches]  # the run that was not stopped: the epoch's other batches
+    after = [b.tolist() for b in loader(sampler)]  # and the next epoch, in a new order
+    resumed = shardckpt.ResumableSampler(50, seed=0)
+    shardckpt.load({"sampler": resumed}, tmp_path / "s")
+    assert [b.tolist() for b in loader(resumed)] == rest
+    assert [b.tolist() for b in loader(resumed)] == after != rest
+    assert resumed.state_dict() == sampler.state_dict() == {"epoch": 2, "position": 0, "seed": 5, "size": 50}
+
+
 def test_model_optimizer_state_imports_torch_state_dict_before_the_first_save():
     """The first save's stall must not pay for importing torch.distributed.checkpoint (~90 ms on
     2 cores, measured in the demo: first stall 111 ms, later ones ~40 ms): the wrapper imports it
