@@ -95,7 +95,7 @@ class LoadWalk:
         if is_stateful(node):
             target = self.routes.get(id(node), node)
             self._prefill(target, path, per_rank)
-            template = target.state_dict()  # type: ignore[attr-defined]
+            template = self._template(target, path)
             if not isinstance(template, dict):
                 raise StateMismatchError(f"state_dict() of {type(node).__name__} at {key!r} returned a non-dict")
             # A module's tied parameters were saved once, under the first name (flatten.py).
@@ -187,6 +187,14 @@ class LoadWalk:
             # slice of the local tensor (a view), so only the blocks that overlap it are read.
             target = local if part.local == whole else local[part.local.slices_within(whole)]
             self.requests.append(ReadRequest(entry, part.box, target, plan_reads(entry, part.box, self.where)))
+
+    def _template(self, target: object, path: tuple[PathPart, ...]) -> object:
+        from shardckpt.training import ModelOptimizerState
+
+        if isinstance(target, ModelOptimizerState):
+            # Saved before the optimizer's first step: no state to give it (see state_dict).
+            return target.state_dict(initialize=self.leads_to_entries((*path, "optim", "state")))
+        return target.state_dict()  # type: ignore[attr-defined]
 
     def _prefill(self, target: object, path: tuple[PathPart, ...], per_rank: bool) -> None:
         """A fresh optimizer gets its state from the checkpoint's layout, not from torch's

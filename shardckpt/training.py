@@ -13,6 +13,7 @@ from torch import nn
 
 from shardckpt.errors import StateMismatchError
 from shardckpt.flatten import FlattenMemo, Parts, PerRank
+from shardckpt.module_state import OptimizerRoute
 from shardckpt.state_recipe import StateRecipe
 
 if TYPE_CHECKING:
@@ -92,8 +93,11 @@ class ModelOptimizerState:
         self.optimizer = optimizer
         self._recipe: StateRecipe | None = None
 
-    def state_dict(self) -> dict[str, object]:
-        sd = self.state_dict_for_save()
+    def state_dict(self, initialize: bool = True) -> dict[str, object]:
+        """torch's ``get_state_dict`` answer, detached. A load passes ``initialize=False`` when
+        the checkpoint holds no optimizer state (saved before the first step): then an optimizer
+        without state is not given one by torch's zero-lr step either."""
+        sd = self._state_dict(initialize)
         model = cast("dict[str, object]", sd["model"])
         sd["model"] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in model.items()}
         return sd
@@ -114,10 +118,19 @@ class ModelOptimizerState:
         """``state_dict()`` with the registered tensors themselves in place of their ``detach()``:
         a save only reads them. Repeated saves of an unchanged model and optimizer reuse the names
         of the last answer (state_recipe.py) instead of recomputing them."""
+        return self._state_dict(initialize=False)
+
+    def _state_dict(self, initialize: bool) -> dict[str, object]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
+        if not self.optimizer.state and not initialize:
+            # Not stepped yet: get_state_dict would create the optimizer's state with a zero-lr
+            # step (Adam's step count 1, SGD's momentum buffers), and a save must not change the
+            # run. The same no-step answer as a {"model", "optim"} save (module_state.py).
+            return {"model": get_model_state_dict(self.model),
+                    "optim": OptimizerRoute(self.model, self.optimizer, None).state_dict()}
         if self._recipe is not None:
             got = self._recipe.answer(self.model, self.optimizer)
             if got is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 import shardckpt
@@ -103,3 +104,35 @@ def test_model_optimizer_state_imports_torch_state_dict_before_the_first_save():
             "print(before, name in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("form", ["wrapper", "objects"])
+def test_a_save_before_the_first_step_changes_nothing_and_loads_in_either_form(tmp_path, form):
+    # torch's get_state_dict gives a stepless optimizer its state with a zero-lr step (AdamW's
+    # step 1, empty moments): through ModelOptimizerState a save did that, and the run diverged.
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def train(model: torch.nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 6, generator=g)).square().sum().backward()
+            opt.step()
+        return model.weight.detach().clone()
+
+    untouched = train(*fresh())
+    model, opt = fresh()
+    state = ({"train": shardckpt.ModelOptimizerState(model, opt)} if form == "wrapper"
+             else {"train": {"model": model, "optim": opt}})
+    shardckpt.save(state, tmp_path / "c")
+    assert not opt.state  # the save gave the optimizer no state
+    assert torch.equal(train(model, opt), untouched)
+    for load_form in ("wrapper", "objects"):  # either form loads the step-0 checkpoint
+        model, opt = fresh()
+        target = ({"train": shardckpt.ModelOptimizerState(model, opt)} if load_form == "wrapper"
+                  else {"train": {"model": model, "optim": opt}})
+        shardckpt.load(target, tmp_path / "c")
+        assert not opt.state and torch.equal(train(model, opt), untouched)
