@@ -11,6 +11,7 @@ at a time (``PIECE_BYTES`` from each side), so memory does not grow with the che
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         values_changed = [{"key": k[0], "rank": k[1], "a": va[k].value, "b": vb[k].value}
-                          for k in va if k in vb and va[k].value != vb[k].value]
+                          for k in va if k in vb and _typed(va[k].value) != _typed(vb[k].value)]
     only_a = [_named(k, "tensor") for k in ta if k not in tb] + [_named(k, "value") for k in va if k not in vb]
     only_b = [_named(k, "tensor") for k in tb if k not in ta] + [_named(k, "value") for k in vb if k not in va]
     same = not (changed or values_changed or only_a or only_b)
@@ -119,6 +120,12 @@ def _compare_tensors(a: CheckpointReader, b: CheckpointReader, x: TensorEntry, y
     return row
 
 
+def _typed(value: object) -> str:
+    """A stored value as text, so that what ``==`` takes as equal but a load tells apart differs:
+    1 and 1.0, True and 1, 0.0 and -0.0 (the stored typed JSON keeps each as it was)."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _piece_diff(pa: torch.Tensor, pb: torch.Tensor, rtol: float, atol: float) -> tuple[int, float, float]:
     """(elements that differ, max |a - b|, max |a - b| / |b|) over one piece."""
     import torch
@@ -137,14 +144,20 @@ def _piece_diff(pa: torch.Tensor, pb: torch.Tensor, rtol: float, atol: float) ->
     nan_a, nan_b = da.isnan(), db.isnan()
     # Equal values that are not bit-identical (0.0 and -0.0, two NaN payloads) count as equal; a
     # NaN against a number, or infinities of different sign, is an infinite difference.
-    value_equal = bit_equal | (da == db) | (nan_a & nan_b)
+    integers = not fa.is_floating_point() and not fa.is_complex()
+    # Integers are equal when their bits are: past 2^53 two of them can meet in float64.
+    value_equal = bit_equal if integers else bit_equal | (da == db) | (nan_a & nan_b)
     abs_diff = torch.where(value_equal, torch.zeros_like(abs_diff), abs_diff)
     abs_diff = torch.where(abs_diff.isnan(), torch.full_like(abs_diff, math.inf), abs_diff)
+    if integers:  # and two that differ differ by 1 at least
+        abs_diff = torch.where(value_equal, abs_diff, abs_diff.clamp(min=1))
     rel = torch.where(ref > 0, abs_diff / ref, torch.where(abs_diff > 0, math.inf, 0.0))
     if rtol == 0 and atol == 0:
         differs = ~bit_equal
     else:
-        differs = ~value_equal & ~(abs_diff <= atol + rtol * ref)
+        # An infinity is within no tolerance of anything but itself (inf <= atol + rtol * inf holds).
+        finite = da.isfinite() & db.isfinite()
+        differs = ~value_equal & ~(finite & (abs_diff <= atol + rtol * ref))
     n = int(differs.sum())
     if n == 0 and rtol == 0 and atol == 0:
         return 0, 0.0, 0.0

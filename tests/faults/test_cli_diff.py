@@ -107,3 +107,29 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
     data.write_bytes(bytes(raw))
     assert main(["diff", str(tmp_path / "a"), str(tmp_path / "c")]) == 2
     assert "CorruptCheckpointError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("a", "b", "argv"), [
+    (torch.tensor([1.0]), torch.tensor([math.inf]), ["--rtol", "1e-3"]),  # inf <= atol + rtol * inf held
+    (torch.tensor([math.inf]), torch.tensor([-math.inf]), ["--rtol", "1e-3"]),
+    (torch.tensor([2**53]), torch.tensor([2**53 + 1]), ["--atol", "0.5"]),  # equal in float64
+    (torch.tensor([2**53]), torch.tensor([2**53 + 1]), []),
+])
+def test_differences_a_tolerance_or_float64_would_hide(tmp_path, capsys, a, b, argv):
+    shardckpt.save({"x": a}, tmp_path / "a")
+    shardckpt.save({"x": b}, tmp_path / "b")
+    code, doc = _diff(capsys, str(tmp_path / "a"), str(tmp_path / "b"), *argv)
+    assert code == 1 and doc["tensors_changed"][0]["mismatched"] == 1
+    biggest = doc["tensors_changed"][0]["max_abs_diff"]
+    assert biggest == "inf" or biggest >= 1  # strict JSON prints an infinity as "inf"
+    shardckpt.save({"x": b}, tmp_path / "c")  # and the same tensor is still the same
+    assert _diff(capsys, str(tmp_path / "b"), str(tmp_path / "c"), *argv)[0] == 0
+
+
+@pytest.mark.parametrize(("a", "b"), [(1, 1.0), (True, 1), (0.0, -0.0), ([1, 0], [True, False])])
+def test_values_python_calls_equal_but_a_load_tells_apart_differ(tmp_path, capsys, a, b):
+    shardckpt.save({"v": a}, tmp_path / "a")
+    shardckpt.save({"v": b}, tmp_path / "b")
+    code, doc = _diff(capsys, str(tmp_path / "a"), str(tmp_path / "b"))
+    assert code == 1 and [r["key"] for r in doc["values_changed"]] == ["v"]
+    assert _diff(capsys, str(tmp_path / "a"), str(tmp_path / "a"))[0] == 0
