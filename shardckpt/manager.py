@@ -206,10 +206,10 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        self._usable[pending[0]] = False
-        result = pending[1].wait()
-        self._usable[pending[0]] = True
-        return result
+        try:
+            return pending[1].wait()
+        finally:
+            self._usable[pending[0]] = pending[1].succeeded  # as in _finish_pending
 
     def restore(
         self, state: dict[str, object], step: int | None = None, *, strict: bool = True, read_once: bool = False

@@ -134,8 +134,12 @@ class TierStore:
         Returns the steps removed. A step whose own lock a save holds is never removed."""
         root = self.node_storage()
         dirs = step_dirs(root)
-        whole = [s for s in sorted(dirs) if s <= current and self.held(s) is not None]
-        keep_from = whole[-keep_last:][0] if whole else current
+        keep_from, found = current, 0
+        for s in sorted((s for s in dirs if s <= current), reverse=True):  # newest first: read no more than needed
+            if found == keep_last:
+                break
+            if self.held(s) is not None:
+                keep_from, found = s, found + 1
         removed = []
         for step, name in sorted(dirs.items()):
             if keep_from <= step <= current:

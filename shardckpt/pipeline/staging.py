@@ -84,8 +84,8 @@ class StagingPool:
         it would wait forever; and free buffers beyond what the last save took of each shape go
         back to the system, or a job whose tensors change shape between saves would keep every
         old shape's buffers (with no budget nothing else evicts them)."""
+        self.reclaim()
         with self._cond:
-            self._used_bytes = 0
             for key in list(self._free):
                 keep = self._taken.get(key, 0)
                 self._free_bytes -= sum(b.numel() * b.element_size() for b in self._free[key][keep:])
@@ -93,7 +93,6 @@ class StagingPool:
                 if not self._free[key]:
                     del self._free[key]
             self._taken.clear()
-            self._cond.notify_all()
 
     def _evict(self, need: int) -> None:
         """Drop free buffers (of other shapes) until ``need`` bytes are returned to the system."""

@@ -28,8 +28,9 @@ from shardckpt.errors import (
     IncompleteCheckpointError,
     StorageAccessError,
 )
+from shardckpt.storage.dirs import DIR_FLAGS, make_dirs, sync_directory
 from shardckpt.storage.faults import hit
-from shardckpt.storage.lock import PathLock, make_dirs
+from shardckpt.storage.lock import PathLock
 
 
 class DataFileWriter:
@@ -83,7 +84,6 @@ _Access = tuple[type[CheckpointError], str]
 _READ: _Access = (CorruptCheckpointError, "replace it with the real file, or use another checkpoint")
 _WRITE: _Access = (CheckpointIOError, "remove it or save to another directory; nothing was written through it")
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO must not wait for a writer (or reader); fstat then refuses it.
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -169,7 +169,7 @@ class LocalStorage:
         except OSError as e:
             raise _os_error(f"cannot remove {self.root}", e) from e
         parent = self.root.parent
-        _fsync_directory(parent, None, lambda: os.open(parent, _DIR_FLAGS))
+        _fsync_directory(parent, None, lambda: os.open(parent, DIR_FLAGS))
 
     def abort_uploads(self) -> int:
         """Nothing to abort: a killed writer's partial file is a file, listed and removed with its step."""
@@ -274,7 +274,7 @@ class LocalStorage:
     def fsync_parent(self) -> None:
         """Make this directory's own entry in its parent durable (a new step directory under a root)."""
         parent = self.root.parent
-        _fsync_directory(parent, "data_dir_fsync", lambda: os.open(parent, _DIR_FLAGS))
+        _fsync_directory(parent, "data_dir_fsync", lambda: os.open(parent, DIR_FLAGS))
 
     def publish(self, name: str, data: bytes) -> None:
         """Make ``name`` hold ``data`` or leave it as it was: write a temp file, fsync it, rename it
@@ -351,7 +351,7 @@ class LocalStorage:
         every component after it must be a real directory (``create``: made if missing).
         Raises ``OSError`` as the system does (``FileNotFoundError``: something is missing)."""
         parts = self._parts(subdir, access)
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = os.open(self.root, DIR_FLAGS)
         path = self.root
         try:
             for part in parts:
@@ -362,7 +362,7 @@ class LocalStorage:
                     except FileExistsError:
                         pass  # a directory, or something the open below refuses
                 try:
-                    sub = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+                    sub = os.open(part, DIR_FLAGS | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
                 except OSError as e:
                     _refuse(fd, part, path, True, access, e)
                     raise
@@ -439,11 +439,6 @@ def _fsync_directory(path: Path, point: str | None, open_dir: Callable[[], int])
     try:
         if point is not None:
             hit(point)
-        fd = open_dir()
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(open_dir)
     except OSError as e:
-        if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-            raise _os_error(f"fsync of directory {path} failed", e) from e
+        raise _os_error(f"fsync of directory {path} failed", e) from e

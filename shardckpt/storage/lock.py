@@ -11,7 +11,6 @@ most cluster filesystems with locking enabled); where a filesystem ignores it, t
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -21,6 +20,7 @@ import weakref
 from pathlib import Path
 
 from shardckpt.errors import CheckpointInUseError, CheckpointIOError
+from shardckpt.storage.dirs import make_dirs
 
 LOCK_NAME = ".shardckpt.lock"
 
@@ -78,29 +78,6 @@ class PathLock:
             if self._finalizer is not None:
                 self._finalizer.detach()
             os.close(fd)  # closing drops the flock
-
-
-def make_dirs(path: Path) -> None:
-    """Create ``path`` and its missing ancestors. The entries of the ancestors created here are
-    made durable (each parent fsynced): a root made by its first save (ckpt/run7/step-1 with no
-    ckpt/run7 yet) would otherwise hang off a parent whose new entry a power loss can undo, taking
-    every step with it. ``path``'s own entry is left to the commit (``fsync_parent``), which
-    fsyncs it anyway."""
-    created = []
-    above = path.parent
-    while not os.path.lexists(above) and above != above.parent:
-        created.append(above)
-        above = above.parent
-    path.mkdir(parents=True, exist_ok=True)
-    for made in reversed(created):
-        fd = os.open(made.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno != errno.EINVAL:  # some filesystems cannot fsync directories
-                raise
-        finally:
-            os.close(fd)
 
 
 def _read_holder(fd: int) -> str:
